@@ -1,0 +1,262 @@
+"""The ``ivpt`` command line.
+
+Every subcommand is a thin shell around a Python function of the package; this file only parses
+arguments, builds the config and prints. User errors (:class:`ivpt.errors.IVPTError`, missing files)
+print one line and exit 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from ivpt.errors import IVPTError
+
+CONFIG_HELP = "YAML config file (presets in configs/); later key=value overrides win"
+OVERRIDES_HELP = "config overrides such as train.epochs=3 model.n_pro=[6,5] (see README: Configuration)"
+
+
+def _add_config_args(parser: argparse.ArgumentParser, with_file: bool = True) -> None:
+    if with_file:
+        parser.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=False, default=str))
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ivpt.config import load_config
+    from ivpt.engine.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    if summary is not None:
+        _print_json(summary)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ivpt.engine.evaluate import evaluate_checkpoint
+
+    metrics = args.metrics.split(",") if args.metrics else None
+    evaluate_checkpoint(args.checkpoint, overrides=args.overrides, metrics=metrics, out_dir=args.out)
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from ivpt.viz.explain import explain_files
+
+    explain_files(args.images, checkpoint=args.checkpoint, out_dir=args.out, overrides=args.override)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ivpt.viz.report import build_report
+
+    path = build_report(args.checkpoint, overrides=args.overrides, out_dir=args.out, top_k=args.top_k)
+    print(f"report written to {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ivpt.demo import run_demo
+
+    run_demo(out_dir=args.out, fast=args.fast)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ivpt.bench import run_bench
+
+    result = run_bench(
+        mode=args.mode,
+        arch=args.arch,
+        img_size=args.img_size,
+        batch=args.batch,
+        precision=args.precision,
+        device=args.device,
+        compile=args.compile,
+        method=args.method,
+        steps=args.steps,
+        warmup=args.warmup,
+        n_pro=tuple(int(v) for v in args.n_pro.split(",")) if args.n_pro else None,
+    )
+    _print_json(result)
+    return 0
+
+
+def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from ivpt.data.synthetic import make_synthetic
+
+    summary = make_synthetic(
+        args.out, num_classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed
+    )
+    _print_json(summary)
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from ivpt.data.check import check_dataset
+
+    report = check_dataset(args.dataset, args.root, verify_images=not args.no_images)
+    _print_json(report)
+    return 1 if report["problems"] else 0
+
+
+def _cmd_convert_official(args: argparse.Namespace) -> int:
+    from ivpt.model.official import convert_official
+
+    n_pro = tuple(int(v) for v in args.n_pro.split(","))
+    convert_official(
+        args.snapshot,
+        arch=args.arch,
+        img_size=args.img_size,
+        num_classes=args.num_classes,
+        n_pro=n_pro,
+        out=args.out,
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_pretrain_backbone(args: argparse.Namespace) -> int:
+    from ivpt.demo import pretrain_backbone
+
+    path = pretrain_backbone(args.out, seed=args.seed, epochs=args.epochs)
+    print(f"wrote {path}")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ivpt",
+        description="Interpretable Visual Prompt Tuning: train, evaluate and explain concept-prototype "
+        "prompts on frozen Vision Transformers.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("train", _cmd_train, "Train a model (IVPT or a baseline) from a config.")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default="auto",
+        metavar="CKPT",
+        help="resume from CKPT, or (default) from last.pt in train.out_dir when it exists",
+    )
+    p.add_argument("--no-resume", dest="resume", action="store_const", const=None, help="start afresh")
+
+    p = add("eval", _cmd_eval, "Evaluate a checkpoint: accuracy and interpretability metrics.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
+    p.add_argument(
+        "--metrics",
+        metavar="LIST",
+        help="comma-separated subset of: accuracy,consistency,stability,part_discovery,kpr,fg_iou,"
+        "faithfulness (default: all that the data set supports)",
+    )
+    p.add_argument("--out", metavar="DIR", help="write DIR/metrics.json (default: beside the checkpoint)")
+    _add_config_args(p, with_file=False)
+
+    p = add("explain", _cmd_explain, "Explain single images: concept maps, part evidence, hierarchy.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for PNG + JSON per image")
+    p.add_argument(
+        "--override", action="append", default=[], metavar="key=value", help="config override (repeatable)"
+    )
+
+    p = add("report", _cmd_report, "Write a static HTML report of a trained model.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (index.html and images)")
+    p.add_argument("--top-k", type=int, default=6, help="gallery crops per concept (default 6)")
+    _add_config_args(p, with_file=False)
+
+    p = add("demo", _cmd_demo, "Run the whole story offline on synthetic data (what `make demo` runs).")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
+    p.add_argument("--fast", action="store_true", help="a much smaller run, for smoke tests")
+
+    p = add("bench", _cmd_bench, "Benchmark a training step or inference against the bare backbone.")
+    p.add_argument("mode", choices=["train-step", "eval"], help="what to time")
+    p.add_argument("--arch", default="vit_small_patch16_224", help="timm model name")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--method",
+        default="ivpt",
+        choices=["ivpt", "vpt_shallow", "vpt_deep", "vpt_deep_proto", "last_layer_proto", "linear_probe"],
+    )
+    p.add_argument("--n-pro", default=None, metavar="K1,K2,...", help="prototypes per stage")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
+
+    p = add("make-synthetic", _cmd_make_synthetic, "Generate the synthetic part data set in CUB layout.")
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    p.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    p = add("data-check", _cmd_data_check, "Validate a data set folder and print a JSON summary.")
+    p.add_argument("--dataset", required=True, choices=["cub", "nabirds", "folder"])
+    p.add_argument("--root", required=True, metavar="DIR")
+    p.add_argument("--no-images", action="store_true", help="skip decoding every image (faster)")
+
+    p = add("convert-official", _cmd_convert_official, "Convert an official IVPT snapshot to an ivpt checkpoint.")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot saved by the authors' code")
+    p.add_argument("--arch", required=True, help="timm model name the snapshot was trained with")
+    p.add_argument("--img-size", type=int, required=True)
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--n-pro", default="17,14,11,8,5", metavar="K1,K2,...")
+    p.add_argument("--out", required=True, metavar="CKPT")
+
+    p = add(
+        "pretrain-backbone",
+        _cmd_pretrain_backbone,
+        "Train the small demo ViT on separate synthetic data (reproduces the shipped weights).",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (IVPTError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        if args.debug:
+            raise
+        print(f"ivpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ivpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main"]

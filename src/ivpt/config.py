@@ -1,0 +1,338 @@
+"""The one configuration source: typed dataclasses filled from defaults <- YAML <- ``key=value``.
+
+>>> cfg = load_config("configs/synthetic_tiny.yaml", ["train.epochs=3", "model.n_pro=[6,5]"])
+>>> cfg.train.epochs
+3
+
+Every field is typed; values coming from YAML or the command line are checked against the type and,
+for ``Literal`` fields, against the allowed values. Unknown keys are errors that list the known ones.
+The resolved config is written beside each run's outputs (``config.yaml``) and stored in checkpoints
+(``Config.to_dict()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ivpt.errors import ConfigError
+
+Method = Literal["ivpt", "vpt_shallow", "vpt_deep", "vpt_deep_proto", "last_layer_proto", "linear_probe"]
+
+
+@dataclass
+class ModelConfig:
+    """What network is built. See ``ivpt.create_model`` for the meaning of each switch."""
+
+    method: Method = "ivpt"
+    arch: str = "vit_base_patch14_reg4_dinov2.lvd142m"
+    img_size: int = 518
+    # Prototypes per stage, shallow to deep; the last count of each stage includes the background.
+    n_pro: tuple[int, ...] = (17, 14, 11, 8, 5)
+    pretrained: bool = True
+    # Local weight file for timm's loader (passed as pretrained_cfg_overlay=dict(file=...)).
+    pretrained_file: str = ""
+    # Extra keyword arguments for timm.create_model (e.g. {depth: 4, embed_dim: 64} for tiny test nets).
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    spatial_bias: bool = True
+    pooling: Literal["ifa", "soft"] = "ifa"
+    cross_layer: bool = True
+    fusion: bool = True
+    fusion_target: Literal["final", "chain"] = "final"
+    gumbel_tau: float = 1.0
+    freeze: Literal["tokens", "frozen", "full"] = "tokens"
+    # Learned prompt tokens per layer for the VPT baselines.
+    vpt_prompts: int = 10
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    dataset: Literal["cub", "nabirds", "folder"] = "cub"
+    root: str = "data/CUB_200_2011"
+    # Fraction of the official train split held out for model selection (never the test split).
+    val_fraction: float = 0.1
+    val_seed: int = 0
+    # Image folders with a single tree (no train/ and test/): fraction of each class used for training.
+    folder_train_ratio: float = 0.8
+    folder_split_seed: int = 0
+    augment: Literal["paper", "flip", "none"] = "paper"
+    num_workers: int = 4
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class LossConfig:
+    """Weights of the eight loss terms of METHOD.md section 8; a weight of 0 switches a term off."""
+
+    classification: float = 1.0
+    consistency: float = 1.0
+    presence: float = 1.0
+    bg_presence: float = 1.0
+    equivariance: float = 1.0
+    orthogonality: float = 1.0
+    total_variation: float = 1.0
+    entropy: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """Adam with the per-group learning rates of the official recipe (METHOD.md section 7)."""
+
+    lr_head: float = 1e-2
+    lr_prototypes: float = 2e-4
+    lr_tokens: float = 2e-4
+    lr_backbone: float = 1e-5
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    scheduler: Literal["step", "cosine", "constant"] = "step"
+    step_epochs: int = 4
+    step_gamma: float = 0.5
+    warmup_epochs: float = 0.0
+    # Scale every learning rate by sqrt(global_batch / lr_ref_batch); 0 disables scaling.
+    lr_ref_batch: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 25
+    # Stop after this many optimizer steps (0: no limit). For smoke runs.
+    max_steps: int = 0
+    # Per-process batch size.
+    batch_size: int = 16
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    out_dir: str = "runs/ivpt"
+    seed: int = 42
+    # Also write last.pt every N optimizer steps (0: only at the end of each epoch).
+    save_every_steps: int = 0
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1
+    tensorboard: bool = False
+    progress: bool = True
+    compile: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation protocols of METHOD.md section 9."""
+
+    # Stage scored by the headline part metrics, Python-indexed over stages (-3 is stage S-2).
+    stage: int = -3
+    batch_size: int = 32
+    map_size: int = 224
+    box_half_size: int = 36
+    consistency_threshold: float = 0.8
+    noise_std: float = 0.2
+    noise_clip: float = 0.25
+    seed: int = 0
+    metrics: tuple[str, ...] = (
+        "accuracy",
+        "consistency",
+        "stability",
+        "part_discovery",
+        "kpr",
+        "fg_iou",
+        "faithfulness",
+    )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists) that YAML and ``torch.save`` store safely."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "dict") -> Config:
+        cfg = cls()
+        merge_dict(cfg, values, source)
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; return it converted (lists to tuples...)."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (item_tp, *_rest) = get_args(tp)
+        return tuple(coerce(v, item_tp, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for '{key}'")
+
+
+def _section_fields(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def merge_dict(cfg: Config, values: dict[str, Any], source: str) -> None:
+    """Merge a nested mapping (from YAML or a checkpoint) into ``cfg`` with full type checks."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+    sections = _section_fields(cfg)
+    for name, section_values in values.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown config section '{name}'; known sections: {', '.join(sections)}"
+            )
+        if section_values is None:
+            continue
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys to values")
+        for key, value in section_values.items():
+            set_value(cfg, f"{name}.{key}", value, source)
+
+
+def set_value(cfg: Config, dotted_key: str, value: Any, source: str = "override") -> None:
+    """Set ``section.key`` to ``value`` after type checking."""
+    parts = dotted_key.split(".")
+    sections = _section_fields(cfg)
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(
+            f"{source}: unknown config key '{dotted_key}'; keys look like 'section.key' with section "
+            f"one of {', '.join(sections)}"
+        )
+    section = getattr(cfg, parts[0])
+    hints = _section_fields(section)
+    if parts[1] not in hints:
+        raise ConfigError(
+            f"{source}: unknown config key '{dotted_key}'; known keys in '{parts[0]}': "
+            f"{', '.join(hints)}"
+        )
+    setattr(section, parts[1], coerce(value, hints[parts[1]], dotted_key))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'train.epochs=3'`` -> ``('train.epochs', 3)``; the value is read as YAML (lists, bools...)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file (optional) <- ``key=value`` overrides, all type checked."""
+    cfg = Config()
+    if path is not None:
+        merge_dict(cfg, load_yaml(path), str(path))
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    for text in overrides:
+        key, value = parse_override(text)
+        set_value(cfg, key, value, f"override '{text}'")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that single types cannot express."""
+    if not cfg.model.n_pro or any(k < 2 for k in cfg.model.n_pro):
+        raise ConfigError(
+            f"config key 'model.n_pro': every stage needs at least 2 prototypes (>= 1 foreground + "
+            f"background), got {list(cfg.model.n_pro)}"
+        )
+    if cfg.model.img_size <= 0:
+        raise ConfigError(f"config key 'model.img_size': must be positive, got {cfg.model.img_size}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"config key 'data.val_fraction': must be in [0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 < cfg.data.folder_train_ratio < 1.0:
+        raise ConfigError(
+            f"config key 'data.folder_train_ratio': must be in (0, 1), got {cfg.data.folder_train_ratio}"
+        )
+    for key in ("train.batch_size", "train.grad_accum", "train.epochs", "eval.batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ConfigError("config keys 'data.mean' / 'data.std': expected three values (R, G, B)")
