@@ -23,7 +23,10 @@ class IVPTOutput:
         groupings: per stage 1..S-1, ``(B, K_s - 1, N_target)`` soft assignment of the stage's
             foreground concepts to the concepts they feed (final parts, or the next stage in chain mode).
         fused_maps: per stage 1..S-1, ``(B, N_target + 1, h, w)`` the stage's maps grouped into its
-            targets (background last); sums to 1 over channels.
+            targets (background last); sums to 1 over channels. Empty when fusion is off.
+        fusion_targets: for each entry of ``fused_maps``, the 0-based index of the stage whose
+            ``concept_maps`` it is grouped into (the last stage in ``final`` mode, the next stage in
+            ``chain`` mode); the consistency loss compares the two.
         region_features: per stage, ``(B, K_s, D)`` pooled feature of each prototype's region.
         part_features: ``(B, D, N + 1)`` modulated final region features (background last), or ``None``.
         prompts: per stage 1..S-1, ``(B, N_prompt, D)`` prompt tokens inserted before that stage's block.
@@ -35,6 +38,7 @@ class IVPTOutput:
     concept_maps: list[Tensor] = field(default_factory=list)
     groupings: list[Tensor] = field(default_factory=list)
     fused_maps: list[Tensor] = field(default_factory=list)
+    fusion_targets: list[int] = field(default_factory=list)
     region_features: list[Tensor] = field(default_factory=list)
     part_features: Tensor | None = None
     prompts: list[Tensor] = field(default_factory=list)
@@ -51,7 +55,7 @@ class IVPTOutput:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 head[f.name], tail[f.name] = value[:first], value[first:]
-            elif isinstance(value, list):
+            elif isinstance(value, list) and value and isinstance(value[0], Tensor):
                 head[f.name] = [v[:first] for v in value]
                 tail[f.name] = [v[first:] for v in value]
             else:
@@ -67,7 +71,7 @@ class IVPTOutput:
             if isinstance(value, Tensor):
                 return value.detach()
             if isinstance(value, list):
-                return [v.detach() for v in value]
+                return [v.detach() if isinstance(v, Tensor) else v for v in value]
             return value
 
         return IVPTOutput(**{f.name: _d(getattr(self, f.name)) for f in fields(self)})
