@@ -33,9 +33,10 @@ def _print_json(obj: object) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ivpt.config import load_config
-    from ivpt.engine.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    from ivpt.engine.trainer import train
+
     summary = train(cfg, resume=args.resume)
     if summary is not None:
         _print_json(summary)

@@ -82,6 +82,9 @@ class LossConfig:
     total_variation: float = 1.0
     entropy: float = 1.0
     label_smoothing: float = 0.0
+    # Ignore pixels the random affine pushed out of the frame in the equivariance loss (the authors'
+    # code compares them too, which penalises perfectly equivariant maps).
+    equivariance_mask_outside: bool = True
 
 
 @dataclass
@@ -206,7 +209,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         (item_tp, *_rest) = get_args(tp)
-        return tuple(coerce(v, item_tp, key) for v in value)
+        try:
+            return tuple(coerce(v, item_tp, key) for v in value)
+        except ConfigError:
+            raise bad from None
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
@@ -270,7 +276,10 @@ def set_value(cfg: Config, dotted_key: str, value: Any, source: str = "override"
             f"{source}: unknown config key '{dotted_key}'; known keys in '{parts[0]}': "
             f"{', '.join(hints)}"
         )
-    setattr(section, parts[1], coerce(value, hints[parts[1]], dotted_key))
+    try:
+        setattr(section, parts[1], coerce(value, hints[parts[1]], dotted_key))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -1,0 +1,56 @@
+"""The command line: help texts and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ivpt.cli import build_parser, main
+
+SUBCOMMANDS = [
+    "train", "eval", "explain", "report", "demo", "bench", "make-synthetic", "data-check", "convert-official",
+]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help_listing_options(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: ivpt {command}" in text
+    assert "options:" in text
+    # the description is the same sentence as in the top-level listing
+    sub = build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    assert sub.description.split(":")[0] in text
+
+
+def test_top_level_help_lists_all_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in SUBCOMMANDS:
+        assert command in text
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
+    code = main(["train", "-c", str(tmp_path / "nope.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0
+    assert "nope.yaml' does not exist" in err and "Traceback" not in err
+    code = main(["train", "train.epochz=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown config key 'train.epochz'" in err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ivpt.cli", "--debug", "train", "-c", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr

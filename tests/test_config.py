@@ -1,0 +1,107 @@
+"""The config system: defaults <- YAML <- key=value, with typed errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ivpt.config import Config, load_config
+from ivpt.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = Config()
+    assert cfg.model.n_pro == (17, 14, 11, 8, 5)
+    assert cfg.model.arch == "vit_base_patch14_reg4_dinov2.lvd142m"
+    assert cfg.model.img_size == 518
+    assert (cfg.optim.lr_head, cfg.optim.lr_prototypes, cfg.optim.grad_clip) == (1e-2, 2e-4, 2.0)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.seed) == (25, 16, 42)
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 7, "batch_size": 4}, "model": {"n_pro": [6, 5]}}))
+    cfg = load_config(path, ["train.epochs=3", "model.pretrained=false", "data.root=/x/y"])
+    assert cfg.train.epochs == 3  # override beats YAML
+    assert cfg.train.batch_size == 4  # YAML beats default
+    assert cfg.model.n_pro == (6, 5)  # list -> tuple
+    assert cfg.model.pretrained is False
+    assert cfg.data.root == "/x/y"
+    assert cfg.train.precision == "fp32"  # untouched default
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(None, ["model.backbone_args={depth: 2, embed_dim: 32}", "optim.betas=[0.8,0.9]"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert cfg.model.backbone_args == {"depth": 2, "embed_dim": 32}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'; known keys in 'train': epochs"),
+        ("trian.epochs=3", "unknown config key 'trian.epochs'"),
+        ("train.epochs=three", "config key 'train.epochs': expected int, got 'three'"),
+        ("train.epochs=2.5", "config key 'train.epochs': expected int, got 2.5"),
+        ("model.pretrained=maybe", "config key 'model.pretrained': expected bool"),
+        ("train.precision=fp8", "config key 'train.precision': expected one of 'fp32', 'bf16', 'fp16'"),
+        ("model.method=resnet", "expected one of 'ivpt', 'vpt_shallow'"),
+        ("model.n_pro=[5,x]", "config key 'model.n_pro': expected a list of int"),
+        ("model.n_pro=[5,1]", "every stage needs at least 2 prototypes"),
+        ("data.val_fraction=1.5", "'data.val_fraction': must be in [0, 1)"),
+        ("train.batch_size=0", "'train.batch_size': must be >= 1"),
+        ("epochs", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_allowed_values(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml' is not valid YAML"):
+        load_config(broken)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("modle:\n  arch: x\n")
+    with pytest.raises(ConfigError, match="unknown.yaml: unknown config section 'modle'"):
+        load_config(unknown)
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("train:\n  epochs: '3'\n")
+    with pytest.raises(ConfigError, match="typed.yaml.*'train.epochs': expected int"):
+        load_config(typed)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.model.img_size > 0 and len(cfg.model.n_pro) >= 1
+
+
+def test_required_presets_exist():
+    names = {p.name for p in PRESETS}
+    assert {"cub_dinov2_b.yaml", "cub_deit_s.yaml", "nabirds_dinov2_b.yaml", "synthetic_tiny.yaml"} <= names
+
+
+def test_public_key_names_are_stable():
+    """Scripts outside the project use these keys."""
+    keys = [
+        "data.dataset", "data.root", "model.arch", "model.img_size", "model.n_pro", "model.method",
+        "model.pretrained", "train.epochs", "train.max_steps", "train.batch_size", "train.precision",
+        "train.device", "train.out_dir",
+    ]
+    cfg = Config()
+    for key in keys:
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name), key
