@@ -141,6 +141,8 @@ class EvalConfig:
     consistency_threshold: float = 0.8
     noise_std: float = 0.2
     noise_clip: float = 0.25
+    # Gaussian blur used to erase a region for the faithfulness metric (0: 3% of the image side).
+    faithfulness_sigma: float = 0.0
     seed: int = 0
     metrics: tuple[str, ...] = (
         "accuracy",

@@ -1,0 +1,267 @@
+"""Consistency and stability of concepts (Huang et al., ICCV 2023; METHOD.md section 9).
+
+A concept "hits" a keypoint on an image when the keypoint lies in the box around the concept's peak:
+
+1. the concept map ``(h, w)`` is upsampled (bicubic, ``align_corners=False``) to ``map_size x map_size``
+   and its peak is the first flat argmax ``(cx, cy)`` (integer pixel of that frame);
+2. keypoints given in the model-input pixel frame (pixel centres at integers, ``x`` in ``[0, W-1]``) are
+   carried to the map frame with the same pixel-centre convention as the upsampling:
+   ``x' = (x + 0.5) * map_size / W - 0.5`` (and likewise ``y`` with ``H``);
+3. the box is ``[cx - half, cx + half] x [cy - half, cy + half]`` clipped to ``[0, map_size - 1]``, both
+   ends inclusive, as in the reference implementation (a 73-pixel wide box before clipping); a visible
+   keypoint (``visible > 0.5``) inside it is a hit. Invisible keypoints are never hits.
+
+The maps must come from images cropped to their bounding box (the engine feeds the bbox-crop loader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ivpt.metrics._base import CountMeter, MetricError, check_keypoints, check_labels, check_maps, image_size
+
+
+def keypoints_to_frame(points_xy: Tensor, input_size: int | Sequence[int], frame_size: int | Sequence[int]) -> Tensor:
+    """Carry pixel coordinates ``(..., 2)`` (x, y) from an ``input_size`` image to a resized ``frame_size`` one.
+
+    Pixel centres sit at integers in both frames, so the map is ``x' = (x + 0.5) * W' / W - 0.5``.
+    """
+    in_h, in_w = image_size(input_size)
+    out_h, out_w = image_size(frame_size, "frame_size")
+    scale = points_xy.new_tensor([out_w / in_w, out_h / in_h])
+    return (points_xy.float() + 0.5) * scale - 0.5
+
+
+def concept_peaks(maps: Tensor, map_size: int = 224) -> Tensor:
+    """Peak of each map after bicubic upsampling to ``map_size x map_size``.
+
+    Args:
+        maps: ``(B, K, h, w)`` concept maps.
+        map_size: side of the square frame the maps are upsampled to.
+
+    Returns:
+        ``(B, K, 2)`` integer ``(x, y)`` of the first maximum in that frame.
+    """
+    check_maps(maps)
+    upsampled = F.interpolate(maps.float(), size=(map_size, map_size), mode="bicubic", align_corners=False)
+    flat_index = upsampled.flatten(2).argmax(dim=2)
+    return torch.stack([flat_index % map_size, flat_index // map_size], dim=-1)
+
+
+def keypoint_hits(
+    maps: Tensor,
+    keypoints: Tensor,
+    input_size: int | Sequence[int],
+    map_size: int = 224,
+    box_half_size: int = 36,
+) -> Tensor:
+    """Which visible keypoints fall in the box around each concept's peak (see the module docstring).
+
+    Args:
+        maps: ``(B, K, h, w)`` maps of the concepts to score (drop the background channel first).
+        keypoints: ``(B, P, 3)`` ``(x, y, visible)`` in the pixel frame of the ``input_size`` model input.
+        input_size: model input size ``S`` or ``(H, W)``.
+        map_size: side of the frame the maps are upsampled to.
+        box_half_size: half side of the box around the peak, in ``map_size`` pixels.
+
+    Returns:
+        ``(B, K, P)`` bool hits.
+    """
+    check_maps(maps)
+    check_keypoints(keypoints, maps.shape[0])
+    peaks = concept_peaks(maps, map_size).float()  # (B, K, 2)
+    points = keypoints_to_frame(keypoints[..., :2].to(peaks.device), input_size, map_size)  # (B, P, 2)
+    visible = keypoints[..., 2].to(peaks.device) > 0.5  # (B, P)
+    low = (peaks - box_half_size).clamp(min=0)[:, :, None, :]  # (B, K, 1, 2)
+    high = (peaks + box_half_size).clamp(max=map_size - 1)[:, :, None, :]
+    inside = ((points[:, None] >= low) & (points[:, None] <= high)).all(dim=-1)  # (B, K, P)
+    return inside & visible[:, None, :]
+
+
+def add_stability_noise(
+    images: Tensor, generator: torch.Generator | None = None, std: float = 0.2, clip: float = 0.25
+) -> Tensor:
+    """Add the stability protocol's noise to NORMALISED images ``(B, 3, H, W)``.
+
+    Gaussian noise of standard deviation ``std`` clipped to ``[-clip, clip]``. It is drawn on the
+    generator's device (the CPU when ``generator`` is None) and then moved to the images, so a seeded
+    CPU generator gives the same noise whatever device the model runs on.
+    """
+    noise_device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(images.shape, generator=generator, device=noise_device, dtype=torch.float32)
+    noise = (noise * std).clamp_(-clip, clip)
+    return images + noise.to(device=images.device, dtype=images.dtype)
+
+
+class _HitMeter(CountMeter):
+    """Settings and input checks shared by the consistency and stability meters."""
+
+    def __init__(
+        self,
+        num_concepts: int,
+        num_keypoints: int,
+        map_size: int,
+        box_half_size: int,
+        background: bool,
+        device: torch.device | str,
+    ) -> None:
+        if num_concepts < 1 or num_keypoints < 1:
+            raise MetricError(
+                f"{type(self).__name__}: expected at least one concept and one keypoint, got "
+                f"num_concepts={num_concepts}, num_keypoints={num_keypoints}"
+            )
+        if map_size < 1 or box_half_size < 0:
+            raise MetricError(
+                f"{type(self).__name__}: expected map_size >= 1 and box_half_size >= 0, got "
+                f"map_size={map_size}, box_half_size={box_half_size}"
+            )
+        super().__init__(device)
+        self.num_concepts = num_concepts
+        self.num_keypoints = num_keypoints
+        self.map_size = map_size
+        self.box_half_size = box_half_size
+        self.background = background
+
+    def _hits(self, maps: Tensor, keypoints: Tensor, input_size: int | Sequence[int], name: str) -> Tensor:
+        """``(B, num_concepts, P)`` hits of the foreground concepts, on ``self.device``."""
+        channels = self.num_concepts + int(self.background)
+        check_maps(maps, name, channels)
+        check_keypoints(keypoints, maps.shape[0], self.num_keypoints)
+        foreground = maps[:, : self.num_concepts]
+        hits = keypoint_hits(foreground, keypoints, input_size, self.map_size, self.box_half_size)
+        return hits.to(self.device)
+
+
+class ConsistencyMeter(_HitMeter):
+    """Streaming consistency score: % of (class, concept) pairs that keep hitting one keypoint.
+
+    For class ``c``, concept ``k`` and keypoint ``p`` the hit frequency is
+    ``hits[c, k, p] / visible[c, p]``: the images of class ``c`` where concept ``k`` hits ``p`` over the
+    images of class ``c`` where ``p`` is visible (0 when ``p`` is never visible in that class). The pair
+    is consistent when some keypoint reaches ``threshold`` (inclusive). The score is the percentage of
+    consistent pairs among the classes that have at least one image (classes absent from the
+    evaluated data do not count as inconsistent).
+
+    Args:
+        num_classes: ``C``.
+        num_concepts: number of FOREGROUND concepts scored.
+        num_keypoints: ``P``.
+        map_size, box_half_size: see :func:`keypoint_hits`.
+        threshold: frequency a keypoint must reach for the pair to be consistent.
+        background: the maps carry a trailing background channel (dropped before scoring).
+        device: where the counts live.
+
+    State: ``hits (C, K, P)``, ``visible (C, P)``, ``images (C,)`` counts.
+    """
+
+    _state_names = ("hits", "visible", "images")
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_concepts: int,
+        num_keypoints: int,
+        map_size: int = 224,
+        box_half_size: int = 36,
+        threshold: float = 0.8,
+        background: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_classes < 1:
+            raise MetricError(f"ConsistencyMeter: num_classes must be at least 1, got {num_classes}")
+        super().__init__(num_concepts, num_keypoints, map_size, box_half_size, background, device)
+        self.num_classes = num_classes
+        self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        shape = (self.num_classes, self.num_concepts, self.num_keypoints)
+        self.hits = torch.zeros(shape, dtype=torch.long, device=self.device)
+        self.visible = torch.zeros(shape[0], shape[2], dtype=torch.long, device=self.device)
+        self.images = torch.zeros(shape[0], dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def update(self, maps: Tensor, keypoints: Tensor, labels: Tensor, input_size: int | Sequence[int]) -> None:
+        """Add a batch of bbox-cropped images.
+
+        Args:
+            maps: ``(B, K, h, w)`` concept maps (``K = num_concepts + 1`` with background).
+            keypoints: ``(B, P, 3)`` in the model-input pixel frame.
+            labels: ``(B,)`` class indices.
+            input_size: model input size ``S`` or ``(H, W)``.
+        """
+        hits = self._hits(maps, keypoints, input_size, "maps")
+        check_labels(labels, maps.shape[0], self.num_classes)
+        labels = labels.to(self.device)
+        visible = (keypoints[..., 2] > 0.5).long().to(self.device)
+        self.hits.index_add_(0, labels, hits.long())
+        self.visible.index_add_(0, labels, visible)
+        self.images.index_add_(0, labels, torch.ones_like(labels))
+
+    def frequencies(self) -> Tensor:
+        """``(C, K, P)`` float64 hit frequency of each keypoint for each (class, concept) pair."""
+        return self.hits.double() / self.visible.clamp(min=1).double()[:, None, :]
+
+    def compute(self) -> dict[str, float]:
+        seen = self.images > 0
+        if not bool(seen.any()):
+            raise MetricError("ConsistencyMeter: no images were added before compute()")
+        consistent = (self.frequencies() >= self.threshold).any(dim=2)  # (C, K)
+        return {"consistency": 100.0 * float(consistent[seen].double().mean())}
+
+
+class StabilityMeter(_HitMeter):
+    """Streaming stability score: how often a concept's keypoint hits survive input noise.
+
+    For every image and concept, the ``P``-dim hit vector on the clean image is compared with the one on
+    the noisy image (:func:`add_stability_noise`); the concept is stable on that image when the two are
+    identical. Score = mean over concepts of the fraction of stable images, x100.
+
+    Args:
+        num_concepts, num_keypoints, map_size, box_half_size, background, device: as for
+            :class:`ConsistencyMeter`.
+
+    State: ``stable (K,)`` count of images where each concept is stable, ``images ()`` image count.
+    """
+
+    _state_names = ("stable", "images")
+
+    def __init__(
+        self,
+        num_concepts: int,
+        num_keypoints: int,
+        map_size: int = 224,
+        box_half_size: int = 36,
+        background: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(num_concepts, num_keypoints, map_size, box_half_size, background, device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.stable = torch.zeros(self.num_concepts, dtype=torch.long, device=self.device)
+        self.images = torch.zeros((), dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def update(
+        self, clean_maps: Tensor, noisy_maps: Tensor, keypoints: Tensor, input_size: int | Sequence[int]
+    ) -> None:
+        """Add a batch: maps ``(B, K, h, w)`` of the clean and the noisy images, keypoints ``(B, P, 3)``."""
+        if clean_maps.shape != noisy_maps.shape:
+            raise MetricError(
+                f"noisy_maps: expected the shape of clean_maps {tuple(clean_maps.shape)}, got {tuple(noisy_maps.shape)}"
+            )
+        clean = self._hits(clean_maps, keypoints, input_size, "clean_maps")
+        noisy = self._hits(noisy_maps, keypoints, input_size, "noisy_maps")
+        self.stable += (clean == noisy).all(dim=2).long().sum(dim=0)
+        self.images += clean_maps.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        if int(self.images) == 0:
+            raise MetricError("StabilityMeter: no images were added before compute()")
+        per_concept = self.stable.double() / float(self.images)
+        return {"stability": 100.0 * float(per_concept.mean())}
