@@ -1,0 +1,112 @@
+"""The map-style data set shared by CUB-200-2011, NABirds and image folders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from ivpt.data.annotations import Annotations
+from ivpt.data.images import open_image
+from ivpt.data.transforms import SampleTransform
+from ivpt.errors import DataError
+
+
+class PartImageDataset(Dataset):
+    """A split of an annotated image collection.
+
+    ``dataset[i]`` is a dict (docs/ARCHITECTURE.md, "A sample"): ``image (3, S, S)`` normalised,
+    ``label`` int, ``index`` int (= ``i``), ``keypoints (P, 3)`` ``(x, y, visible)`` and
+    ``bbox (4,)`` ``(x_min, y_min, x_max, y_max)`` in output pixel-centre coordinates, and with
+    ``with_masks`` a ``mask (S, S)`` foreground probability. All samples share ``P``, so torch's default
+    collate batches them.
+
+    Args:
+        annotations: the whole collection.
+        indices: positions in ``annotations`` that form this split.
+        transform: image + geometry transform.
+        bbox_crop: crop every image to its box and resize the crop to ``S x S`` before the transform.
+        with_masks: also return the segmentation mask (requires ``segmentations/``).
+    """
+
+    def __init__(
+        self,
+        annotations: Annotations,
+        indices: Sequence[int] | np.ndarray,
+        transform: SampleTransform,
+        *,
+        bbox_crop: bool = False,
+        with_masks: bool = False,
+    ) -> None:
+        if with_masks and annotations.mask_paths is None:
+            raise DataError(f"masks were requested but '{annotations.root}' has no segmentations/ folder")
+        self.annotations = annotations
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.bbox_crop = bbox_crop
+        self.with_masks = with_masks
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.annotations.class_names
+
+    @property
+    def part_names(self) -> list[str]:
+        return self.annotations.part_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.annotations.class_names)
+
+    @property
+    def has_parts(self) -> bool:
+        return bool(self.annotations.part_names)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether segmentation masks exist on disk (``with_masks=True`` then returns them)."""
+        return self.annotations.mask_paths is not None
+
+    @property
+    def labels(self) -> list[int]:
+        """Class index of every sample, without decoding any image."""
+        return self.annotations.labels[self.indices].tolist()
+
+    def image_path(self, index: int) -> Path:
+        """Source file of sample ``index``."""
+        return self.annotations.image_paths[self.indices[index]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.indices):
+            raise IndexError(f"sample {index} out of range for a split of {len(self.indices)} images")
+        source = int(self.indices[index])
+        notes = self.annotations
+        image = open_image(notes.image_paths[source])
+        if notes.boxes is None:
+            box = np.array([0.0, 0.0, image.width - 1.0, image.height - 1.0], dtype=np.float32)
+        else:
+            box = notes.boxes[source]
+        mask = None
+        if self.with_masks:
+            mask_path = notes.mask_paths[source]  # type: ignore[index]  # presence checked in __init__
+            mask = open_image(mask_path, "L", "segmentation mask")
+            if mask.size != image.size:
+                raise DataError(
+                    f"segmentation mask '{mask_path}' is {mask.width}x{mask.height} but its image "
+                    f"'{notes.image_paths[source]}' is {image.width}x{image.height}"
+                )
+        sample: dict[str, Any] = self.transform(
+            image, notes.keypoints[source], box, mask, crop_box=box if self.bbox_crop else None
+        )
+        sample["label"] = int(notes.labels[source])
+        sample["index"] = index
+        return sample
+
+
+__all__ = ["PartImageDataset"]

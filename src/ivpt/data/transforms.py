@@ -1,0 +1,337 @@
+"""Sample transforms whose geometry is one explicit affine matrix, shared by image, keypoints and boxes.
+
+Coordinate convention: *pixel centres sit at integers*. The pixel in column ``j`` and row ``i`` has its
+centre at ``(x, y) = (j, i)``, so an image of width ``W`` spans ``x`` in ``[-0.5, W - 0.5]`` and its pixel
+centres span ``[0, W - 1]``. In this convention a horizontal flip maps ``x`` to ``W - 1 - x``.
+
+Every transform is planned first (:class:`GeometryPlan`): an area-averaging resize of a source region
+(the whole image, or its bounding box in ``bbox_crop`` mode) followed by a ``remainder`` affine (flip,
+rotation / scale / translation, crop). Their product :attr:`GeometryPlan.matrix` maps source pixel
+centres to output pixel centres; keypoints and box corners are mapped by that matrix, and the image is
+resampled with exactly the same two steps, so they agree by construction. The resize is done separately
+(rather than folded into a single bilinear warp) because a bilinear warp that shrinks an image aliases,
+while PIL's resize filters over the whole footprint.
+
+Augmentations (METHOD.md section 7):
+
+- ``"paper"``: resize the short side to ``img_size``, horizontal flip with p=0.5, random affine (rotation
+  U(-90, 90) degrees about the image centre, translation up to 20 % of the width / height, scale
+  U(0.8, 1.2)), random ``img_size`` crop;
+- ``"flip"``: resize the short side, flip with p=0.5, random crop;
+- ``"none"``: the test transform: resize the short side, centre crop.
+
+Random draws use ``torch.rand`` with an optional ``torch.Generator``; without one, torch's global RNG is
+used, which the training engine seeds per data-loader worker, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+Augment = Literal["paper", "flip", "none"]
+AUGMENTS: tuple[str, ...] = ("paper", "flip", "none")
+
+# RandomAffine ranges of the official recipe.
+MAX_ROTATION_DEG = 90.0
+MAX_TRANSLATE_FRACTION = 0.2
+SCALE_RANGE = (0.8, 1.2)
+
+
+# --- matrices (3x3 homogeneous, pixel-centre coordinates) ---------------------------------------------
+
+
+def translation_matrix(tx: float, ty: float) -> np.ndarray:
+    """``(3, 3)`` matrix of ``(x, y) -> (x + tx, y + ty)``."""
+    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
+
+
+def hflip_matrix(width: int) -> np.ndarray:
+    """``(3, 3)`` horizontal flip of an image ``width`` pixels wide: ``x -> width - 1 - x``."""
+    return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def rotation_scale_matrix(angle_deg: float, scale: float, center: tuple[float, float]) -> np.ndarray:
+    """``(3, 3)`` rotation by ``angle_deg`` and isotropic ``scale`` about ``center``.
+
+    Positive angles turn the picture counter-clockwise as displayed (``y`` points down), like
+    torchvision's ``RandomAffine``.
+    """
+    theta = math.radians(angle_deg)
+    cos, sin = scale * math.cos(theta), scale * math.sin(theta)
+    cx, cy = center
+    linear = np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])
+    return translation_matrix(cx, cy) @ linear @ translation_matrix(-cx, -cy)
+
+
+def region_resize_matrix(box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """``(3, 3)`` matrix of resizing the region ``box`` to ``size = (W, H)``.
+
+    ``box`` is in PIL's pixel-*edge* coordinates (pixel ``i`` spans ``[i, i + 1]``, so a pixel-centre
+    ``x`` sits at edge coordinate ``x + 0.5``); the region's edges ``[left, right]`` map to ``[0, W]``.
+    """
+    left, top, right, bottom = box
+    sx, sy = size[0] / (right - left), size[1] / (bottom - top)
+    return np.array([[sx, 0.0, sx * (0.5 - left) - 0.5], [0.0, sy, sy * (0.5 - top) - 0.5], [0.0, 0.0, 1.0]])
+
+
+def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Map ``(..., 2)`` points ``(x, y)`` with a ``(3, 3)`` affine matrix; returns ``(..., 2)``."""
+    return points @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """The random choices of one training sample (all neutral by default: the test transform)."""
+
+    flip: bool = False
+    angle_deg: float = 0.0
+    translate: tuple[float, float] = (0.0, 0.0)
+    scale: float = 1.0
+    # Top-left corner of the ``img_size`` crop in the resized image; ``None`` centres the crop.
+    crop_origin: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class GeometryPlan:
+    """Geometry of one sample: resize ``source_box`` to ``resized_size``, then warp by ``remainder``.
+
+    Attributes:
+        source_box: ``(left, top, right, bottom)`` region of the source image in pixel-edge coordinates.
+        resized_size: ``(W', H')`` size of that region after the resize.
+        remainder: ``(3, 3)`` affine from resized pixel centres to output pixel centres.
+        output_size: side ``S`` of the square output.
+    """
+
+    source_box: tuple[float, float, float, float]
+    resized_size: tuple[int, int]
+    remainder: np.ndarray
+    output_size: int
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """``(3, 3)`` affine from source pixel centres to output pixel centres."""
+        return self.remainder @ region_resize_matrix(self.source_box, self.resized_size)
+
+
+def short_side_size(width: int, height: int, img_size: int) -> tuple[int, int]:
+    """Size ``(W', H')`` after resizing the short side to ``img_size`` (torchvision's rounding)."""
+    if width <= height:
+        return img_size, max(img_size, int(img_size * height / width))
+    return max(img_size, int(img_size * width / height)), img_size
+
+
+def sample_augment_params(
+    augment: Augment, resized_size: tuple[int, int], img_size: int, generator: torch.Generator | None = None
+) -> AugmentParams:
+    """Draw the random choices of ``augment`` for an image resized to ``resized_size = (W', H')``."""
+    if augment == "none":
+        return AugmentParams()
+    width, height = resized_size
+    u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+    crop_origin = (int(u[5] * (width - img_size + 1)), int(u[6] * (height - img_size + 1)))
+    if augment == "flip":
+        return AugmentParams(flip=u[0] < 0.5, crop_origin=crop_origin)
+    low, high = SCALE_RANGE
+    return AugmentParams(
+        flip=u[0] < 0.5,
+        angle_deg=(2.0 * u[1] - 1.0) * MAX_ROTATION_DEG,
+        translate=(
+            (2.0 * u[2] - 1.0) * MAX_TRANSLATE_FRACTION * width,
+            (2.0 * u[3] - 1.0) * MAX_TRANSLATE_FRACTION * height,
+        ),
+        scale=low + (high - low) * u[4],
+        crop_origin=crop_origin,
+    )
+
+
+def plan_geometry(
+    width: int,
+    height: int,
+    img_size: int,
+    params: AugmentParams | None = None,
+    crop_box: Sequence[float] | None = None,
+) -> GeometryPlan:
+    """Compose the geometry of one sample from explicit choices.
+
+    Args:
+        width, height: source image size.
+        img_size: output side ``S``.
+        params: flip / affine / crop choices (see :func:`sample_augment_params`); ``None``: the test
+            transform.
+        crop_box: ``(x_min, y_min, x_max, y_max)`` pixel-centre box; when given, that box (not the whole
+            image) is resized straight to ``S x S`` (aspect ratio not kept), as in the consistency protocol.
+            It is clipped to the image and kept at least one pixel wide and high.
+    """
+    params = params if params is not None else AugmentParams()
+    if crop_box is not None:
+        x_min, y_min, x_max, y_max = (float(v) for v in crop_box)
+        # Pixel centres x_min..x_max span the edges x_min - 0.5 .. x_max + 0.5: PIL's x_min .. x_max + 1.
+        left, top = min(max(x_min, 0.0), width - 1.0), min(max(y_min, 0.0), height - 1.0)
+        right, bottom = min(max(x_max + 1.0, left + 1.0), width), min(max(y_max + 1.0, top + 1.0), height)
+        source_box = (left, top, right, bottom)
+        resized = (img_size, img_size)
+    else:
+        source_box = (0.0, 0.0, float(width), float(height))
+        resized = short_side_size(width, height, img_size)
+    w, h = resized
+    remainder = np.eye(3)
+    if params.flip:
+        remainder = hflip_matrix(w) @ remainder
+    if params.angle_deg != 0.0 or params.scale != 1.0 or params.translate != (0.0, 0.0):
+        center = ((w - 1) / 2.0, (h - 1) / 2.0)
+        affine = translation_matrix(*params.translate) @ rotation_scale_matrix(params.angle_deg, params.scale, center)
+        remainder = affine @ remainder
+    if params.crop_origin is None:
+        left, top = round((w - img_size) / 2.0), round((h - img_size) / 2.0)
+    else:
+        left, top = params.crop_origin
+    remainder = translation_matrix(-left, -top) @ remainder
+    return GeometryPlan(source_box, resized, remainder, img_size)
+
+
+# --- applying a plan ---------------------------------------------------------------------------------
+
+
+def warp_image(image: Image.Image, plan: GeometryPlan, resample: Image.Resampling) -> Image.Image:
+    """Resample ``image`` (any PIL mode) by ``plan``; pixels from outside the source are 0."""
+    out = image.resize(plan.resized_size, resample, box=plan.source_box)
+    size = (plan.output_size, plan.output_size)
+    if out.size == size and np.allclose(plan.remainder, np.eye(3)):
+        return out
+    # PIL's AFFINE data maps *output* pixel-edge coordinates to *input* ones: shift by half a pixel on
+    # both sides of the inverse of the pixel-centre matrix.
+    inverse = translation_matrix(0.5, 0.5) @ np.linalg.inv(plan.remainder) @ translation_matrix(-0.5, -0.5)
+    data = tuple(float(v) for v in inverse[:2].reshape(-1))
+    return out.transform(size, Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=0)
+
+
+def transform_keypoints(keypoints: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """Map ``(P, 3)`` keypoints ``(x, y, visible)`` into an ``S x S`` output.
+
+    Points that land outside ``[0, S-1]^2`` become invisible; invisible points are set to ``(0, 0, 0)``.
+    """
+    out = np.zeros((keypoints.shape[0], 3), dtype=np.float32)
+    if keypoints.shape[0] == 0:
+        return out
+    xy = apply_matrix(matrix, keypoints[:, :2].astype(np.float64))
+    inside = np.all((xy >= 0.0) & (xy <= size - 1.0), axis=1)
+    visible = (keypoints[:, 2] > 0) & inside
+    out[visible, :2] = xy[visible]
+    out[visible, 2] = 1.0
+    return out
+
+
+def transform_box(box: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """Axis-aligned hull of the mapped corners of a ``(4,)`` box ``(x_min, y_min, x_max, y_max)``.
+
+    The result is clipped to ``[0, S-1]``; a box mapped entirely outside collapses onto the border.
+    """
+    x_min, y_min, x_max, y_max = (float(v) for v in box)
+    corners = np.array([[x_min, y_min], [x_max, y_min], [x_min, y_max], [x_max, y_max]])
+    mapped = apply_matrix(matrix, corners)
+    hull = np.concatenate([mapped.min(axis=0), mapped.max(axis=0)])
+    return np.clip(hull, 0.0, size - 1.0).astype(np.float32)
+
+
+class SampleTransform:
+    """Turns a decoded image and its annotations into tensors with one shared geometry.
+
+    Args:
+        img_size: output side ``S``.
+        augment: ``"paper"``, ``"flip"`` or ``"none"`` (see the module docstring).
+        mean, std: per-channel normalisation (RGB, on ``[0, 1]`` values).
+    """
+
+    def __init__(self, img_size: int, augment: Augment, mean: Sequence[float], std: Sequence[float]) -> None:
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.img_size = img_size
+        self.augment = augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def plan(
+        self,
+        width: int,
+        height: int,
+        crop_box: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GeometryPlan:
+        """Draw this sample's random choices and compose its geometry."""
+        resized = (
+            (self.img_size, self.img_size) if crop_box is not None else short_side_size(width, height, self.img_size)
+        )
+        params = sample_augment_params(self.augment, resized, self.img_size, generator)
+        return plan_geometry(width, height, self.img_size, params, crop_box)
+
+    def to_tensor(self, image: Image.Image) -> Tensor:
+        """``(3, S, S)`` normalised tensor from an RGB PIL image."""
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        return (torch.from_numpy(array).permute(2, 0, 1) - self.mean) / self.std
+
+    def __call__(
+        self,
+        image: Image.Image,
+        keypoints: np.ndarray,
+        box: np.ndarray,
+        mask: Image.Image | None = None,
+        *,
+        crop_box: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Transform one sample.
+
+        Args:
+            image: RGB source image.
+            keypoints: ``(P, 3)`` source keypoints ``(x, y, visible)``.
+            box: ``(4,)`` source box ``(x_min, y_min, x_max, y_max)``.
+            mask: optional ``"F"`` or ``"L"`` image (foreground probability, ``"L"`` scaled by 1/255).
+            crop_box: resize this box to the output instead of the whole image (``bbox_crop`` mode).
+            generator: RNG for the random choices (torch's global RNG when ``None``).
+
+        Returns:
+            ``image (3, S, S)``, ``keypoints (P, 3)``, ``bbox (4,)`` and, with a mask, ``mask (S, S)``.
+        """
+        plan = self.plan(image.width, image.height, crop_box, generator)
+        matrix = plan.matrix
+        sample = {
+            "image": self.to_tensor(warp_image(image, plan, Image.Resampling.BILINEAR)),
+            "keypoints": torch.from_numpy(transform_keypoints(keypoints, matrix, self.img_size)),
+            "bbox": torch.from_numpy(transform_box(box, matrix, self.img_size)),
+        }
+        if mask is not None:
+            scale = 1.0 / 255.0 if mask.mode == "L" else 1.0
+            values = np.asarray(mask.convert("F"), dtype=np.float32) * scale
+            warped = warp_image(Image.fromarray(values), plan, Image.Resampling.BILINEAR)
+            sample["mask"] = torch.from_numpy(np.clip(np.asarray(warped, dtype=np.float32), 0.0, 1.0))
+        return sample
+
+
+__all__ = [
+    "AUGMENTS",
+    "AugmentParams",
+    "GeometryPlan",
+    "SampleTransform",
+    "apply_matrix",
+    "hflip_matrix",
+    "plan_geometry",
+    "region_resize_matrix",
+    "rotation_scale_matrix",
+    "sample_augment_params",
+    "short_side_size",
+    "transform_box",
+    "transform_keypoints",
+    "translation_matrix",
+    "warp_image",
+]
