@@ -97,7 +97,12 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     from ivpt.data.synthetic import make_synthetic
 
     summary = make_synthetic(
-        args.out, num_classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed
+        args.out,
+        num_classes=args.classes,
+        per_class=args.per_class,
+        size=args.size,
+        seed=args.seed,
+        family=args.family,
     )
     _print_json(summary)
     return 0
@@ -216,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--family",
+        choices=["default", "pretrain"],
+        default="default",
+        help="class definitions: 'default' (the downstream task) or 'pretrain' (other parts and colours)",
+    )
 
     p = add("data-check", _cmd_data_check, "Validate a data set folder and print a JSON summary.")
     p.add_argument("--dataset", required=True, choices=["cub", "nabirds", "folder"])
