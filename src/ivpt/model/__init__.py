@@ -1,0 +1,26 @@
+"""IVPT and its baselines on unmodified timm Vision Transformers.
+
+- :func:`create_model` / :func:`build_model`: IVPT or a baseline, from arguments or ``cfg.model``;
+- :func:`param_groups` / :func:`parameter_counts`: optimizer groups with the official learning rates;
+- :func:`load_official_checkpoint` / :func:`convert_official`: the authors' snapshots;
+- :class:`IVPTOutput`: what every model returns.
+"""
+
+from __future__ import annotations
+
+from ivpt.model.factory import METHODS, build_model, create_model
+from ivpt.model.official import convert_official, load_official_checkpoint
+from ivpt.model.output import IVPTOutput
+from ivpt.model.params import GROUP_NAMES, param_groups, parameter_counts
+
+__all__ = [
+    "GROUP_NAMES",
+    "METHODS",
+    "IVPTOutput",
+    "build_model",
+    "convert_official",
+    "create_model",
+    "load_official_checkpoint",
+    "param_groups",
+    "parameter_counts",
+]

@@ -1,0 +1,194 @@
+"""Read snapshots saved by the authors' IVPT code (METHOD.md section 11) into ivpt models.
+
+The authors save ``torch.save(dict(model_state=..., optimizer_state=..., finished_epoch=...,
+epoch_test_accuracies=...))``; backbone keys are timm's own, and the IVPT modules are named:
+
+===========================  ==============================  ================================
+official key                 shape                           ivpt parameter
+===========================  ==============================  ================================
+``p_token.{s}``              ``(1, K_s, D)``                 ``stages.{s}.prototypes (K_s, D)``
+``p_bias.{s}``               ``(1, K_s, h, w)``              ``stages.{s}.spatial_bias``
+``p_linear.{s}.*``           ``Linear(D, D)``, s < S-1       ``fusions.{s}.prompt_proj.*``
+``p_norm.{s}.*``             ``LayerNorm((N, D))``           ``fusions.{s}.prompt_norm.*``
+``p_classifier.{s}.*``       ``Linear(D, N)``                ``fusions.{s}.grouping.*``
+``modulation.*``             ``LayerNorm((D, N+1))``         ``head.modulation.*``
+``fc_class_landmarks.*``     ``Linear(D, C, bias=False)``    ``head.classifier.*``
+anything else                timm                            ``backbone.*``
+===========================  ==============================  ================================
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ivpt.errors import CheckpointError
+from ivpt.model.factory import create_model
+from ivpt.model.ivpt import IVPT
+
+DEFAULT_N_PRO: tuple[int, ...] = (17, 14, 11, 8, 5)
+
+# (ivpt name pattern, official replacement); the first pattern that matches the start of a name wins.
+_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^stages\.(\d+)\.prototypes$", r"p_token.\1"),
+        (r"^stages\.(\d+)\.spatial_bias$", r"p_bias.\1"),
+        (r"^fusions\.(\d+)\.prompt_proj\.", r"p_linear.\1."),
+        (r"^fusions\.(\d+)\.prompt_norm\.", r"p_norm.\1."),
+        (r"^fusions\.(\d+)\.grouping\.", r"p_classifier.\1."),
+        (r"^head\.modulation\.", "modulation."),
+        (r"^head\.classifier\.", "fc_class_landmarks."),
+        (r"^backbone\.", ""),
+    )
+)
+# ivpt stores these without the official leading batch dimension of 1.
+_UNBATCHED = re.compile(r"^stages\.\d+\.(prototypes|spatial_bias)$")
+
+
+def official_name(ivpt_name: str) -> str:
+    """The official key of an ivpt IVPT state-dict key (``stages.0.prototypes`` -> ``p_token.0``)."""
+    for pattern, replacement in _RENAMES:
+        if pattern.search(ivpt_name):
+            return pattern.sub(replacement, ivpt_name, count=1)
+    raise KeyError(f"no official name for parameter '{ivpt_name}'")
+
+
+def read_official_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read the model state of an official snapshot (or of a bare state dict), without a ``module.`` prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"official checkpoint '{path}' does not exist")
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure here means the file is not a loadable torch snapshot
+        raise CheckpointError(f"official checkpoint '{path}' cannot be read by torch.load: {exc}") from None
+    state = snapshot.get("model_state", snapshot) if isinstance(snapshot, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"official checkpoint '{path}': expected a dict with 'model_state' (a state dict of tensors) "
+            f"or a bare state dict"
+        )
+    # DDP snapshots prefix every key with 'module.'.
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _describe(name: str, shape: tuple[int, ...]) -> str:
+    return f"{name} {tuple(shape)}"
+
+
+def official_to_ivpt(state: dict[str, Tensor], model: IVPT, source: str) -> dict[str, Tensor]:
+    """Rename and reshape an official state dict for ``model``.
+
+    Raises:
+        CheckpointError: listing every missing and unexpected key and every shape mismatch.
+    """
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, tensor in model.state_dict().items():
+        shape = tuple(tensor.shape)
+        expected[official_name(name)] = (name, (1, *shape) if _UNBATCHED.match(name) else shape)
+
+    missing = [_describe(key, shape) for key, (_, shape) in expected.items() if key not in state]
+    unexpected = [_describe(key, tuple(value.shape)) for key, value in state.items() if key not in expected]
+    mismatched = [
+        f"{key} file {tuple(state[key].shape)} vs model {shape}"
+        for key, (_, shape) in expected.items()
+        if key in state and tuple(state[key].shape) != shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{label}: {', '.join(items)}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            )
+            if items
+        ]
+        raise CheckpointError(f"official checkpoint '{source}' does not fit the model: {'; '.join(problems)}")
+    return {
+        name: state[key].reshape(shape[1:] if _UNBATCHED.match(name) else shape)
+        for key, (name, shape) in expected.items()
+    }
+
+
+def load_official_checkpoint(
+    path: str | Path,
+    arch: str,
+    img_size: int,
+    num_classes: int,
+    n_pro: tuple[int, ...] = DEFAULT_N_PRO,
+    device: str | torch.device = "cpu",
+    *,
+    backbone_args: dict | None = None,
+) -> IVPT:
+    """Build IVPT (the official switches) and load an official snapshot into it.
+
+    Args:
+        path: snapshot file (``{model_state, optimizer_state, finished_epoch, epoch_test_accuracies}``
+            or a bare state dict; a DDP ``module.`` prefix is stripped).
+        arch, img_size, num_classes, n_pro: what the snapshot was trained with.
+        device: where the model lives.
+        backbone_args: extra ``timm.create_model`` arguments (tiny test networks).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: unreadable file, or keys / shapes that do not fit (all of them listed).
+    """
+    model = create_model(arch, num_classes, img_size, tuple(n_pro), pretrained=False, backbone_args=backbone_args)
+    state = official_to_ivpt(read_official_state_dict(path), model, str(path))  # type: ignore[arg-type]
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()  # type: ignore[return-value]
+
+
+def convert_official(
+    snapshot: str | Path,
+    arch: str,
+    img_size: int,
+    num_classes: int,
+    n_pro: tuple[int, ...] = DEFAULT_N_PRO,
+    out: str | Path = "ivpt_official.pt",
+    *,
+    backbone_args: dict | None = None,
+) -> Path:
+    """Convert an official snapshot into an ivpt checkpoint (what ``ivpt convert-official`` runs).
+
+    Writes ``{"format": "ivpt", "version": 1, "config", "class_names", "part_names", "model"}``
+    atomically (temporary file in the output folder, then ``os.replace``) and returns ``out``.
+    """
+    from ivpt.config import Config
+
+    model = load_official_checkpoint(snapshot, arch, img_size, num_classes, n_pro, backbone_args=backbone_args)
+    cfg = Config()
+    cfg.model.method = "ivpt"
+    cfg.model.arch = arch
+    cfg.model.img_size = int(img_size)
+    cfg.model.n_pro = tuple(int(k) for k in n_pro)
+    cfg.model.pretrained = False
+    cfg.model.backbone_args = dict(backbone_args or {})
+    checkpoint = {
+        "format": "ivpt",
+        "version": 1,
+        "config": cfg.to_dict(),
+        "class_names": [str(i) for i in range(num_classes)],
+        "part_names": [],
+        "model": model.state_dict(),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(checkpoint, tmp_name)
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out
