@@ -1,0 +1,192 @@
+"""ivpt.viz.explain on tiny untrained models: the data agree with the model, the files are as promised."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ivpt
+from ivpt.config import Config
+from ivpt.errors import IVPTError
+from ivpt.viz.drawing import save_figure
+from ivpt.viz.explain import (
+    FIGURE_DPI,
+    FIGURE_SIZE,
+    explain,
+    explain_files,
+    explanation_figure,
+    explanation_record,
+    load_image,
+)
+
+EXPECTED_PIXELS = (int(FIGURE_SIZE[0] * FIGURE_DPI), int(FIGURE_SIZE[1] * FIGURE_DPI))
+
+
+def _photo(width: int = 53, height: int = 41, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def tiny(tiny_config: Callable[..., Config]) -> Callable[..., tuple[torch.nn.Module, Config]]:
+    """``tiny(*overrides)`` -> ``(model, cfg)``: an untrained tiny model with 5 classes."""
+    from ivpt.model.factory import build_model
+
+    def make(*overrides: str) -> tuple[torch.nn.Module, Config]:
+        cfg = tiny_config(*overrides)
+        torch.manual_seed(0)
+        return build_model(cfg, 5).eval(), cfg
+
+    return make
+
+
+@pytest.mark.parametrize("fusion_target", ["final", "chain"])
+def test_explain_agrees_with_the_model(tiny: Callable, fusion_target: str) -> None:
+    model, cfg = tiny(f"model.fusion_target={fusion_target}")
+    names = [f"bird {i}" for i in range(5)]
+    result = explain(model, _photo(), cfg=cfg, class_names=names)
+
+    # the same forward by hand, through the data module's test transform
+    from ivpt.data.transforms import SampleTransform
+
+    pixels = SampleTransform(32, "none", cfg.data.mean, cfg.data.std)(
+        _photo().convert("RGB"), np.zeros((0, 3), np.float32), np.array([0, 0, 52, 40], np.float32)
+    )["image"]
+    with torch.no_grad():
+        out = model(pixels[None])
+    predicted = int(out.logits[0].argmax())
+    assert result["predicted"]["index"] == predicted
+    assert result["predicted"]["name"] == f"bird {predicted}"
+    assert result["predicted"]["logit"] == pytest.approx(float(out.logits[0, predicted]), abs=1e-5)
+    shares = [p["contribution"] for p in result["parts"]]
+    assert len(shares) == 3  # n_pro[-1] - 1 final parts
+    assert sum(shares) == pytest.approx(result["predicted"]["logit"], abs=1e-5)
+
+    probabilities = [e["probability"] for e in result["top5"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert result["top5"][0]["index"] == predicted
+    np.testing.assert_allclose(probabilities, out.logits[0].softmax(0).sort(descending=True).values[:5], atol=1e-6)
+
+    assert [s["num_concepts"] for s in result["stages"]] == [6, 5, 4]
+    for stage in result["stages"]:
+        assert sum(stage["areas"]) == pytest.approx(1.0)
+    expected_targets = [3, 3] if fusion_target == "final" else [2, 3]
+    assert [s["groups_into_stage"] for s in result["stages"]] == [*expected_targets, None]
+    np.testing.assert_allclose(result["stages"][0]["grouping"], out.groupings[0][0], atol=1e-6)
+    assert result["image"].shape == (32, 32, 3) and result["image"].dtype == np.uint8
+    assert [m.shape for m in result["concept_maps"]] == [(6, 4, 4), (5, 4, 4), (4, 4, 4)]
+    json.dumps(explanation_record(result))  # JSON-ready once the drawing arrays are dropped
+
+
+def test_explain_inputs_path_pil_uint8_and_dataset_tensor_agree(tiny: Callable) -> None:
+    from ivpt.data import build_dataset
+
+    model, cfg = tiny()
+    dataset = build_dataset(cfg, "test")
+    sample = dataset[0]
+    path = Path(dataset.annotations.image_paths[dataset.indices[0]])
+    from_path = explain(model, path, cfg=cfg)
+    from_tensor = explain(model, sample["image"], cfg=cfg)
+    from_pil = explain(model, Image.open(path), cfg=cfg)
+    from_uint8 = explain(model, torch.from_numpy(np.array(Image.open(path).convert("RGB"))), cfg=cfg)
+    for other in (from_tensor, from_pil, from_uint8):
+        assert other["predicted"]["logit"] == pytest.approx(from_path["predicted"]["logit"], abs=1e-5)
+        np.testing.assert_array_equal(other["image"], from_path["image"])
+
+
+def test_explain_restores_training_mode(tiny: Callable) -> None:
+    model, cfg = tiny()
+    model.train()
+    first = explain(model, _photo(), cfg=cfg)
+    assert model.training
+    second = explain(model, _photo(), cfg=cfg)
+    # eval-mode grouping is deterministic (no Gumbel noise), so two calls agree exactly
+    assert first["stages"][0]["grouping"] == second["stages"][0]["grouping"]
+
+
+def test_explain_without_cfg_uses_the_model_input_size(tiny: Callable) -> None:
+    model, _ = tiny()
+    result = explain(model, _photo(80, 60))
+    assert result["image"].shape == (32, 32, 3)
+
+
+def test_explain_rejects_bad_inputs(tiny: Callable) -> None:
+    model, cfg = tiny()
+    with pytest.raises(IVPTError, match="2 class names given for a model with 5 classes"):
+        explain(model, _photo(), cfg=cfg, class_names=["a", "b"])
+    with pytest.raises(IVPTError, match=r"must be a normalised \(3, 32, 32\) image .* got \(3, 64, 64\)"):
+        explain(model, torch.zeros(3, 64, 64), cfg=cfg)
+    with pytest.raises(IVPTError, match=r"uint8 image tensor must be \(3, H, W\) or \(H, W, 3\), got \(8, 8\)"):
+        explain(model, torch.zeros(8, 8, dtype=torch.uint8), cfg=cfg)
+
+
+@pytest.mark.parametrize("method", ["ivpt", "vpt_deep"])
+def test_figure_has_the_promised_pixel_size(tiny: Callable, tmp_path: Path, method: str) -> None:
+    model, cfg = tiny(f"model.method={method}")
+    result = explain(model, _photo(), cfg=cfg)
+    assert bool(result["parts"]) == (method == "ivpt")
+    path = save_figure(explanation_figure(result, title="x.png"), tmp_path / "x.png")
+    with Image.open(path) as image:
+        assert image.size == EXPECTED_PIXELS
+
+
+def test_load_image_names_the_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(IVPTError, match=r"image '.*notes\.jpg' is not an image file PIL can read"):
+        load_image(bad)
+    with pytest.raises(IVPTError, match=r"image '.*missing\.png' does not exist"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_explain_files_writes_png_and_json(make_checkpoint: Callable, tmp_path: Path) -> None:
+    checkpoint = make_checkpoint()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _photo(70, 40).save(tmp_path / "a" / "bird.png")
+    _photo(30, 90, seed=1).convert("L").save(tmp_path / "b" / "bird.jpg")  # greyscale JPEG, another size
+    out = tmp_path / "explained"
+    written = explain_files([tmp_path / "a" / "bird.png", tmp_path / "b" / "bird.jpg"], checkpoint, out, device="cpu")
+    assert written == [out / "bird.png", out / "bird-2.png"]
+    model, cfg, info = ivpt.load_checkpoint(checkpoint)
+    for png, source in zip(written, ["a/bird.png", "b/bird.jpg"], strict=True):
+        with Image.open(png) as image:
+            assert image.size == EXPECTED_PIXELS
+        record = json.loads(png.with_suffix(".json").read_text())
+        assert record["image"] == str(tmp_path / source)
+        direct = explain(model, tmp_path / source, cfg=cfg, class_names=info["class_names"])
+        assert record["predicted"]["name"] == info["class_names"][direct["predicted"]["index"]]
+        assert record["predicted"]["logit"] == pytest.approx(direct["predicted"]["logit"], abs=1e-5)
+        assert sum(p["contribution"] for p in record["parts"]) == pytest.approx(record["predicted"]["logit"], abs=1e-5)
+        assert len(record["top5"]) == 4  # the synthetic set has 4 classes
+        assert [len(s["areas"]) for s in record["stages"]] == [6, 5, 4]
+
+
+def test_explain_files_rejects_a_non_image_before_writing(make_checkpoint: Callable, tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(log=False)
+    good = tmp_path / "good.png"
+    _photo().save(good)
+    bad = tmp_path / "readme.txt"
+    bad.write_text("hello")
+    out = tmp_path / "explained"
+    with pytest.raises(IVPTError, match=r"image '.*readme\.txt' is not an image file"):
+        explain_files([good, bad], checkpoint, out, device="cpu")
+    assert not out.exists()
+
+
+def test_cli_explain(make_checkpoint: Callable, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ivpt.cli import main
+
+    checkpoint = make_checkpoint(log=False)
+    image = tmp_path / "photo.webp"
+    _photo().save(image)
+    assert main(["explain", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "photo.png").is_file() and (tmp_path / "o" / "photo.json").is_file()
+    assert main(["explain", str(tmp_path / "nope.png"), "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
+    assert "nope.png' does not exist" in capsys.readouterr().err
