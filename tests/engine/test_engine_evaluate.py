@@ -1,0 +1,162 @@
+"""``ivpt eval``: metrics.json with every key and stage, notes for what cannot apply, known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ivpt.cli import main
+from ivpt.config import Config
+from ivpt.engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from ivpt.engine.evaluate import HEADLINE_KEYS, STAGE_KEYS, evaluate, evaluate_checkpoint, headline_stage
+from ivpt.errors import ConfigError, DataError
+
+NUM_STAGES = 3  # model.n_pro=[6,5,4]
+
+
+def write_checkpoint(cfg: Config, path: Path, num_classes: int = 4, seed: int = 0) -> Path:
+    """A checkpoint of a randomly initialised model in the minimal (convert-official) form."""
+    from ivpt.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg, num_classes=num_classes)
+    return save_checkpoint(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": cfg.to_dict(),
+            "class_names": [f"class{i}" for i in range(num_classes)],
+            "part_names": [],
+            "model": model.state_dict(),
+        },
+    )
+
+
+@pytest.fixture
+def checkpoint(tiny_config, tmp_path: Path) -> Path:
+    return write_checkpoint(tiny_config(), tmp_path / "ckpt" / "model.pt")
+
+
+def test_metrics_json_has_every_key_and_every_stage(checkpoint: Path, capsys) -> None:
+    results = evaluate_checkpoint(checkpoint)
+    written = json.loads((checkpoint.parent / "metrics.json").read_text())
+    assert written["checkpoint"] == str(checkpoint)
+    for key in HEADLINE_KEYS:
+        assert isinstance(written[key], float), (key, written[key], written["notes"])
+    assert written["notes"] == []
+    assert set(written["per_stage"]) == {str(s) for s in range(NUM_STAGES)}
+    for stage in written["per_stage"].values():
+        assert set(stage) == set(STAGE_KEYS)
+        assert all(isinstance(stage[key], float) for key in STAGE_KEYS)
+        assert all(0.0 <= stage[key] <= 100.0 for key in ("consistency", "stability", "nmi", "fg_iou"))
+    # Default eval.stage = -3 is stage 0 of three; the headline part metrics are that stage's.
+    assert written["stage"] == 0
+    assert all(written[key] == written["per_stage"]["0"][key] for key in STAGE_KEYS)
+    assert written["top5"] == 100.0  # four classes: every label is in the top five
+    assert results["accuracy"] == written["accuracy"]
+    table = capsys.readouterr().out
+    assert "consistency" in table and "metrics.json" in table
+
+
+def test_accuracy_matches_a_direct_count(checkpoint: Path) -> None:
+    from ivpt.data import build_dataset
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    test_set = build_dataset(cfg, "test")
+    hits = []
+    per_class: dict[int, list[bool]] = {}
+    with torch.no_grad():
+        for index in range(len(test_set)):
+            sample = test_set[index]
+            predicted = int(model(sample["image"][None]).logits.argmax())
+            hits.append(predicted == sample["label"])
+            per_class.setdefault(sample["label"], []).append(hits[-1])
+    results = evaluate(model, cfg, ["accuracy"])
+    assert results["accuracy"] == pytest.approx(100.0 * np.mean(hits))
+    assert results["macro_accuracy"] == pytest.approx(100.0 * np.mean([np.mean(v) for v in per_class.values()]))
+    assert results["images"] == len(test_set) and results["split"] == "test"
+    assert results["consistency"] is None and results["per_stage"] == {}
+    assert any(note.startswith("not requested: consistency") for note in results["notes"])
+
+
+def test_stage_selection_and_clamping(checkpoint: Path, tmp_path: Path) -> None:
+    results = evaluate_checkpoint(checkpoint, ["eval.stage=-5"], metrics=["part_discovery"], out_dir=tmp_path / "a")
+    assert results["stage"] == 0
+    assert any("eval.stage=-5 is out of range for a model with 3 stage(s)" in n for n in results["notes"])
+    results = evaluate_checkpoint(checkpoint, ["eval.stage=-1"], metrics=["part_discovery"], out_dir=tmp_path / "b")
+    assert results["stage"] == 2 and results["nmi"] == results["per_stage"][2]["nmi"]
+    assert headline_stage(7, 3) == (2, headline_stage(7, 3)[1]) and "stage 2" in headline_stage(7, 3)[1]
+    assert headline_stage(-3, 5) == (2, None)
+
+
+def test_stability_is_reproducible(checkpoint: Path) -> None:
+    model, cfg, _ = load_checkpoint(checkpoint)
+    first = evaluate(model, cfg, ["stability"])["per_stage"]
+    assert evaluate(model, cfg, ["stability"])["per_stage"] == first
+    cfg.eval.noise_std = 0.0
+    cfg.eval.noise_clip = 0.0
+    assert all(v["stability"] == 100.0 for v in evaluate(model, cfg, ["stability"])["per_stage"].values())
+
+
+def test_methods_without_concept_maps_get_nulls_with_reasons(tiny_config, tmp_path: Path) -> None:
+    path = write_checkpoint(tiny_config("model.method=vpt_deep"), tmp_path / "vpt.pt")
+    results = evaluate_checkpoint(path, metrics=["accuracy", "consistency", "kpr", "fg_iou", "faithfulness"])
+    assert isinstance(results["accuracy"], float)
+    for key in ("consistency", "kpr", "fg_iou", "faithfulness", "nmi"):
+        assert results[key] is None
+    assert results["per_stage"] == {} and results["stage"] is None
+    notes = results["notes"]
+    assert "consistency: method 'vpt_deep' has no concept maps" in notes
+    assert "faithfulness: method 'vpt_deep' has no part scores and concept maps" in notes
+
+
+def make_folder_dataset(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folders_have_no_part_metrics_and_say_why(tiny_config, tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "folders")
+    cfg = tiny_config("data.dataset=folder", f"data.root={root}", "data.val_fraction=0")
+    path = write_checkpoint(cfg, tmp_path / "folder.pt", num_classes=2)
+    results = evaluate_checkpoint(path)
+    assert isinstance(results["accuracy"], float) and isinstance(results["faithfulness"], float)
+    assert all(results[key] is None for key in ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou"))
+    assert "consistency: the data set (folder) has no part keypoints" in results["notes"]
+    assert "fg_iou: the data set has no segmentation masks (segmentations/)" in results["notes"]
+    assert results["per_stage"] == {}
+
+
+def test_user_errors(checkpoint: Path, tiny_config, tmp_path: Path, capsys) -> None:
+    with pytest.raises(ConfigError, match="unknown metric.* bogus; choose from accuracy, consistency"):
+        evaluate_checkpoint(checkpoint, metrics=["accuracy", "bogus"])
+    three = write_checkpoint(tiny_config(), tmp_path / "three.pt", num_classes=3)
+    with pytest.raises(DataError, match="classifies 3 classes, but the data set at .* has 4"):
+        evaluate_checkpoint(three)
+    code = main(["eval", "--checkpoint", str(tmp_path / "missing.pt")])
+    assert code == 2 and "missing.pt' does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_writes_the_requested_metrics(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval_out"
+    code = main(["eval", "--checkpoint", str(checkpoint), "--metrics", "accuracy,kpr", "--out", str(out)])
+    assert code == 0
+    written = json.loads((out / "metrics.json").read_text())
+    assert isinstance(written["kpr"], float) and isinstance(written["accuracy"], float)
+    assert written["consistency"] is None
+    assert set(written["per_stage"]) == {"0", "1", "2"}
+    assert all(isinstance(stage["kpr"], float) and stage["nmi"] is None for stage in written["per_stage"].values())
+    assert str(out / "metrics.json") in capsys.readouterr().out

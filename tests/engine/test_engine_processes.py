@@ -1,0 +1,119 @@
+"""End to end in separate processes: a run killed mid-epoch resumes exactly; two-process DDP on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ivpt.engine.checkpoint import read_checkpoint
+from ivpt.engine.evaluate import HEADLINE_KEYS, STAGE_KEYS, evaluate_checkpoint
+from ivpt.engine.logger import read_log
+
+pytestmark = pytest.mark.slow
+
+STEPS_PER_EPOCH = 3
+
+
+def environment() -> dict[str, str]:
+    # One thread per process: the machine's few cores are shared by both DDP ranks and other tests.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def wait_for_step_checkpoint(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training ended (code {process.returncode}) before writing {path}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"no checkpoint {path} within {timeout} s")
+
+
+def test_run_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(tiny_overrides, tmp_path: Path) -> None:
+    overrides = tiny_overrides("train.epochs=3", "train.save_every_steps=1", f"train.out_dir={tmp_path / 'killed'}")
+    command = [sys.executable, "-m", "ivpt.cli", "train", *overrides]
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    last = tmp_path / "killed" / "last.pt"
+    wait_for_step_checkpoint(last, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = read_checkpoint(last, training=True)["step"]
+    assert killed_at < 3 * STEPS_PER_EPOCH
+
+    resumed = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 * STEPS_PER_EPOCH and summary["epochs"] == 3
+    records = read_log(tmp_path / "killed" / "log.jsonl")
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 10))
+    starts = [r for r in records if r["event"] == "start"]
+    assert starts[-1]["resumed_from"] == str(last)
+    assert not list((tmp_path / "killed").glob("*.tmp"))
+
+    # Uninterrupted, in a process like the others (the thread count changes float summation order).
+    straight_overrides = tiny_overrides("train.epochs=3", f"train.out_dir={tmp_path / 'straight'}")
+    straight = [sys.executable, "-m", "ivpt.cli", "train", "--no-resume", *straight_overrides]
+    assert subprocess.run(straight, env=environment(), capture_output=True, timeout=300).returncode == 0
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    b = read_checkpoint(last)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def torchrun(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    # A session of its own, so that a hang takes the launcher and both workers down together.
+    process = subprocess.Popen(
+        command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun {' '.join(args[:3])} hung for {timeout} s; stderr tail: {stderr[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_two_process_ddp_trains_and_evaluates_like_one_process(tiny_overrides, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    overrides = tiny_overrides("train.epochs=1", "train.batch_size=4", f"train.out_dir={out}")
+    result = torchrun("-m", "ivpt.cli", "train", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # only rank 0 prints
+    summary = json.loads(summaries[0])
+    assert summary["steps"] == STEPS_PER_EPOCH  # 24 images / (2 ranks x 4)
+    assert isinstance(summary["test_accuracy"], float)
+
+    # Only rank 0 wrote, once.
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.jsonl"]
+    records = read_log(out / "log.jsonl")
+    events = [r["event"] for r in records]
+    assert events.count("start") == 1 and events.count("test") == 1 and events.count("val") == 1
+    assert records[0]["world_size"] == 2 and records[0]["global_batch"] == 8
+    checkpoint = read_checkpoint(out / "last.pt", training=True)
+    assert len(checkpoint["rng"]) == 2 and checkpoint["world_size"] == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+
+    # The same checkpoint scored by two processes and by one gives the same numbers.
+    two = torchrun("-m", "ivpt.cli", "eval", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1
+    single = evaluate_checkpoint(out / "last.pt", out_dir=tmp_path / "one")
+    double = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in HEADLINE_KEYS:
+        assert double[key] == pytest.approx(single[key], abs=1e-6), key
+    for stage, values in single["per_stage"].items():
+        for key in STAGE_KEYS:
+            assert double["per_stage"][str(stage)][key] == pytest.approx(values[key], abs=1e-6), (stage, key)
