@@ -149,12 +149,6 @@ def _cpu_fp16_supported() -> bool:
 
 
 @pytest.mark.skipif(not _cpu_fp16_supported(), reason="this torch has no fp16 autocast / GradScaler on the CPU")
-@pytest.mark.xfail(
-    strict=True,
-    reason="ivpt.model.concepts divides by mass.clamp_min(1e-12) cast to fp16, where 1e-12 underflows to 0: "
-    "empty regions give 0/0 = NaN under fp16 autocast (CPU and CUDA). Remove this mark once the model "
-    "divides in fp32.",
-)
 def test_fp16_autocast_with_grad_scaler_trains_on_cpu(tiny_model_overrides: list[str]) -> None:
     _train_tiny(tiny_model_overrides, "fp16")
 

@@ -147,3 +147,15 @@ def test_pooling_never_mixes_samples(hard: bool):
     together = pool_regions(maps, features, hard).features
     alone = pool_regions(maps[1:2], features[1:2], hard).features
     torch.testing.assert_close(together[1:2], alone)
+
+
+def test_empty_regions_pool_to_zero_in_half_precision():
+    """1e-12 underflows to 0 in fp16: the division must not give 0/0 for empty regions."""
+    maps = torch.zeros(1, 3, 2, 2)
+    maps[:, 0] = 0.7
+    maps[:, 1] = 0.3  # prototype 1 never wins, prototype 2 has no mass at all
+    features = torch.randn(1, 4, 5).half()
+    pooled = pool_regions(maps, features, hard=True)
+    assert pooled.features.dtype == torch.float16
+    assert torch.isfinite(pooled.features).all()
+    assert torch.equal(pooled.features[0, 1:], torch.zeros(2, 5, dtype=torch.float16))

@@ -92,8 +92,9 @@ def pool_regions(maps: Tensor, patch_features: Tensor, hard: bool = True) -> Poo
     # One (B,K,n)x(B,n,D) contraction; never a (B, D, K, h, w) product.
     summed = torch.einsum("bkn,bnd->bkd", weights.to(patch_features.dtype), patch_features)
     # A non-empty region weighs at least 1/K (its patches' winning probability), so the clamp only
-    # turns 0/0 of empty regions into 0.
-    return PooledRegions(summed / mass.clamp_min(1e-12).unsqueeze(-1).to(summed.dtype), mass)
+    # turns 0/0 of empty regions into 0. Divide in float32: 1e-12 underflows to 0 in half precision.
+    features = (summed.float() / mass.float().clamp_min(1e-12).unsqueeze(-1)).to(summed.dtype)
+    return PooledRegions(features, mass)
 
 
 class FusionResult(NamedTuple):
@@ -153,7 +154,8 @@ class PromptFusion(nn.Module):
         weights = grouping.detach()
         # Every softmax entry is positive; the clamp only guards underflow at very low temperatures.
         targets = torch.einsum("bkn,bkd->bnd", weights.to(concept_features.dtype), concept_features)
-        targets = targets / weights.sum(dim=1).clamp_min(1e-12).unsqueeze(-1).to(targets.dtype)
+        denominator = weights.float().sum(dim=1).clamp_min(1e-12).unsqueeze(-1)
+        targets = (targets.float() / denominator).to(targets.dtype)
         prompts = self.prompt_proj(self.prompt_norm(targets))
 
         # Kept in float32 like the maps: the consistency loss takes their logarithm.
