@@ -152,7 +152,7 @@ def test_load_checkpoint_lists_missing_unexpected_and_reshaped_keys(tmp_path: Pa
     text = str(info.value)
     assert f"missing keys: {removed}" in text
     assert "unexpected keys: extra.weight" in text
-    assert f"{reshaped} (1, 1) vs" in text
+    assert f"{reshaped} file (1, 1) vs model" in text
     assert str(path) in text
 
 

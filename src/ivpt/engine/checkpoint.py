@@ -27,6 +27,7 @@ from torch import nn
 
 from ivpt.config import Config, apply_overrides, validate
 from ivpt.errors import CheckpointError, ConfigError
+from ivpt.model.state import state_mismatches
 
 CHECKPOINT_FORMAT = "ivpt"
 CHECKPOINT_VERSION = 1
@@ -165,33 +166,16 @@ def checkpoint_config(
 
 def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Strictly load ``state`` into ``model``; any mismatch is listed in one :class:`CheckpointError`."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    reshaped = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    problems = [
-        f"{label}: {_listing(items)}"
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches (checkpoint vs model)", reshaped),
-        )
-        if items
-    ]
+    problems = state_mismatches(
+        {key: tuple(value.shape) for key, value in model.state_dict().items()},
+        {key: tuple(value.shape) for key, value in state.items()},
+        limit=_LISTED,
+    )
     if problems:
         raise CheckpointError(
             f"checkpoint '{path}' does not fit the model built from its config; " + "; ".join(problems)
         )
     model.load_state_dict(dict(state), strict=True)
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_LISTED])
-    return shown if len(items) <= _LISTED else f"{shown} and {len(items) - _LISTED} more"
 
 
 def load_checkpoint(

@@ -19,9 +19,7 @@ anything else                timm                            ``backbone.*``
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from torch import Tensor
 from ivpt.errors import CheckpointError
 from ivpt.model.factory import create_model
 from ivpt.model.ivpt import IVPT
+from ivpt.model.state import state_mismatches
 
 DEFAULT_N_PRO: tuple[int, ...] = (17, 14, 11, 8, 5)
 
@@ -78,10 +77,6 @@ def read_official_state_dict(path: str | Path) -> dict[str, Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def _describe(name: str, shape: tuple[int, ...]) -> str:
-    return f"{name} {tuple(shape)}"
-
-
 def official_to_ivpt(state: dict[str, Tensor], model: IVPT, source: str) -> dict[str, Tensor]:
     """Rename and reshape an official state dict for ``model``.
 
@@ -93,23 +88,11 @@ def official_to_ivpt(state: dict[str, Tensor], model: IVPT, source: str) -> dict
         shape = tuple(tensor.shape)
         expected[official_name(name)] = (name, (1, *shape) if _UNBATCHED.match(name) else shape)
 
-    missing = [_describe(key, shape) for key, (_, shape) in expected.items() if key not in state]
-    unexpected = [_describe(key, tuple(value.shape)) for key, value in state.items() if key not in expected]
-    mismatched = [
-        f"{key} file {tuple(state[key].shape)} vs model {shape}"
-        for key, (_, shape) in expected.items()
-        if key in state and tuple(state[key].shape) != shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{label}: {', '.join(items)}"
-            for label, items in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", mismatched),
-            )
-            if items
-        ]
+    problems = state_mismatches(
+        {key: shape for key, (_, shape) in expected.items()},
+        {key: tuple(value.shape) for key, value in state.items()},
+    )
+    if problems:
         raise CheckpointError(f"official checkpoint '{source}' does not fit the model: {'; '.join(problems)}")
     return {
         name: state[key].reshape(shape[1:] if _UNBATCHED.match(name) else shape)
@@ -181,14 +164,8 @@ def convert_official(
         "part_names": [],
         "model": model.state_dict(),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(checkpoint, tmp_name)
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return out
+    # The engine's writer (temporary file, fsync, os.replace); imported here because the engine
+    # itself builds on the model package.
+    from ivpt.engine.checkpoint import save_checkpoint
+
+    return save_checkpoint(out, checkpoint)
