@@ -54,10 +54,14 @@ def create_backbone(
         ConfigError: unknown architecture, bad ``backbone_args`` or a missing ``pretrained_file``.
         IVPTError: the architecture is not a timm Vision Transformer, or pretrained weights cannot be loaded.
     """
+    # Registers the project's own small demo ViT (a stock timm VisionTransformer) with timm.
+    import ivpt.demo.backbone  # noqa: F401
+
     if not timm.is_model(arch):
         raise ConfigError(f"config key 'model.arch': '{arch}' is not a timm model name")
-    family = model_entrypoint(split_model_name_tag(arch)[0]).__module__.rsplit(".", 1)[-1]
-    if family not in _VIT_FAMILIES:
+    module = model_entrypoint(split_model_name_tag(arch)[0]).__module__
+    family = module.rsplit(".", 1)[-1]
+    if family not in _VIT_FAMILIES and not module.startswith("ivpt."):
         raise IVPTError(
             f"model.arch '{arch}' is a timm '{family}' model, not a timm Vision Transformer "
             f"(expected e.g. deit_small_patch16_224 or vit_base_patch14_reg4_dinov2.lvd142m)"

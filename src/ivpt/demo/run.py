@@ -1,0 +1,320 @@
+"""``ivpt demo`` (what ``make demo`` runs): the whole story, offline, in minutes on a CPU.
+
+1. generate the synthetic part data set (kept in ``OUT/data`` and reused while its settings match);
+2. tune three methods on the shipped frozen backbone ``ivpt_demo_vit`` (pretrained on a different
+   synthetic task, see :mod:`ivpt.demo.pretrain`) with the same budget: IVPT (``model.freeze=tokens``,
+   the paper's setting), VPT-Deep and a linear probe, each with :func:`ivpt.engine.trainer.train`;
+3. score each with :func:`ivpt.engine.evaluate.evaluate_checkpoint` (``ivpt eval``);
+4. explain a few test images with IVPT (:func:`ivpt.viz.explain.explain_files`, ``ivpt explain``) and
+   write its HTML report (:func:`ivpt.viz.report.build_report`, ``ivpt report``);
+5. print a table and write ``OUT/results.json``.
+
+Every step is the function behind a CLI command, called with the config a user would pass: each run's
+``OUT/runs/<method>/config.yaml`` reproduces it with ``ivpt train -c``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ivpt.config import Config, apply_overrides, validate
+from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, require_weights
+from ivpt.demo.data import ensure_synthetic
+from ivpt.errors import IVPTError
+
+METHODS: tuple[str, ...] = ("ivpt", "vpt_deep", "linear_probe")
+# The columns of the results table, keys of ``results.json`` and of ``ivpt eval``'s results.
+TABLE_METRICS: tuple[str, ...] = ("accuracy", "consistency", "stability", "nmi", "ari", "kpr", "faithfulness")
+DATA_SEED = 0
+# ``ivpt eval`` notes start with the metric they concern; these are the ones behind the table's columns.
+_NOTED_METRICS = ("accuracy", "consistency", "stability", "part_discovery", "kpr", "faithfulness")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How big a demo run is.
+
+    Attributes:
+        num_classes: classes of the synthetic task.
+        per_class: images per class (half for training, half for testing).
+        epochs: training epochs, the same for every method.
+        max_steps: stop each training after this many optimizer steps (0: no limit).
+        batch_size: training batch size.
+        n_pro: IVPT prototypes per stage, shallow to deep (background included).
+        explain_images: test images explained with ``ivpt explain`` (one per class, from class 1 on).
+        top_k: gallery crops per concept in the report.
+    """
+
+    num_classes: int
+    per_class: int
+    epochs: int
+    max_steps: int
+    batch_size: int
+    n_pro: tuple[int, ...]
+    explain_images: int
+    top_k: int
+
+
+FULL_PLAN = DemoPlan(
+    num_classes=10,
+    per_class=60,
+    epochs=12,
+    max_steps=0,
+    batch_size=32,
+    n_pro=(17, 14, 11, 8, 5),
+    explain_images=3,
+    top_k=6,
+)
+# A smoke run of the same code paths: a few images and optimizer steps.
+FAST_PLAN = DemoPlan(
+    num_classes=3,
+    per_class=6,
+    epochs=1,
+    max_steps=2,
+    batch_size=4,
+    n_pro=(6, 5, 4),
+    explain_images=1,
+    top_k=2,
+)
+
+# Settings shared by the three runs (the same backbone, data, budget and schedule).
+COMMON_OVERRIDES: tuple[str, ...] = (
+    f"model.arch={DEMO_ARCH}",
+    "model.pretrained=true",
+    f"model.img_size={DEMO_VIT_ARGS['img_size']}",
+    "data.dataset=cub",
+    # No checkpoint selection: with a few hundred images a validation split would cost training data.
+    "data.val_fraction=0",
+    "data.augment=flip",
+    "data.num_workers=0",
+    "optim.scheduler=cosine",
+    "optim.warmup_epochs=0",
+    "train.precision=fp32",
+    "train.device=auto",
+    "train.seed=42",
+    "train.log_every_steps=5",
+    "eval.batch_size=64",
+)
+# What each method trains, and at which learning rates. The official recipe moves the prototypes at
+# 2e-4 for ~9000 steps; the demo has ~100 steps, so they (and the prompt tokens of VPT-Deep, which
+# train at ``lr_prototypes`` too) need a proportionally larger rate to travel as far in feature space.
+METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "ivpt": (
+        "model.method=ivpt",
+        "model.freeze=tokens",
+        "optim.lr_head=0.01",
+        "optim.lr_prototypes=0.01",
+        "optim.lr_tokens=0.0002",
+    ),
+    "vpt_deep": (
+        "model.method=vpt_deep",
+        "model.freeze=frozen",
+        "optim.lr_head=0.01",
+        "optim.lr_prototypes=0.01",
+    ),
+    "linear_probe": (
+        "model.method=linear_probe",
+        "optim.lr_head=0.01",
+    ),
+}
+
+
+def demo_overrides(method: str, plan: DemoPlan, data_root: Path, run_dir: Path) -> list[str]:
+    """The ``key=value`` overrides (of the default config) of one demo training run."""
+    if method not in METHOD_OVERRIDES:
+        raise IVPTError(f"demo: unknown method '{method}'; expected one of {', '.join(METHOD_OVERRIDES)}")
+    n_pro = ",".join(str(k) for k in plan.n_pro)
+    return [
+        *COMMON_OVERRIDES,
+        *METHOD_OVERRIDES[method],
+        f"model.n_pro=[{n_pro}]",
+        f"data.root={data_root}",
+        f"train.epochs={plan.epochs}",
+        f"train.max_steps={plan.max_steps}",
+        f"train.batch_size={plan.batch_size}",
+        f"train.out_dir={run_dir}",
+    ]
+
+
+def demo_config(method: str, plan: DemoPlan, data_root: Path, run_dir: Path) -> Config:
+    """The resolved config of one demo training run."""
+    cfg = apply_overrides(Config(), demo_overrides(method, plan, data_root, run_dir))
+    validate(cfg)
+    return cfg
+
+
+def table_row(results: dict[str, Any]) -> dict[str, Any]:
+    """The table's metrics from ``ivpt eval`` results, and the notes that explain any ``None`` among them."""
+    row: dict[str, Any] = {key: results.get(key) for key in TABLE_METRICS}
+    row["notes"] = [str(note) for note in results.get("notes", []) if str(note).split(":", 1)[0] in _NOTED_METRICS]
+    return row
+
+
+def format_results(rows: dict[str, dict[str, Any]]) -> str:
+    """The results table as text: one line per method, ``-`` where a metric does not apply."""
+    header = f"{'method':<14}" + "".join(f"{key:>14}" for key in TABLE_METRICS)
+    lines = [header, "-" * len(header)]
+    for method, row in rows.items():
+        cells = "".join(f"{'-' if row[key] is None else format(row[key], '.1f'):>14}" for key in TABLE_METRICS)
+        lines.append(f"{method:<14}{cells}")
+    lines.append(
+        "(percent on the synthetic test split; part metrics at eval.stage; kpr is an error: lower is better; "
+        "faithfulness = drop when the top part is removed minus drop for a random region)"
+    )
+    for method, row in rows.items():
+        missing = [key for key in TABLE_METRICS if row[key] is None]
+        if missing:
+            # The full sentences are in results.json; one line per method keeps the table readable.
+            lines.append(f"note: {method} has no concept maps or part scores, so {', '.join(missing)} do not apply")
+    return "\n".join(lines)
+
+
+def _explain_candidates(cfg: Config, count: int) -> list[Path]:
+    """The first test image of each of the first ``count`` classes."""
+    from ivpt.data import build_dataset
+
+    test = build_dataset(cfg, "test", train_transform=False)
+    chosen: dict[int, Path] = {}
+    for index, label in enumerate(test.labels):
+        if label not in chosen:
+            chosen[label] = test.image_path(index)
+        if len(chosen) == count:
+            break
+    return [chosen[label] for label in sorted(chosen)]
+
+
+class _Steps:
+    """Numbered progress lines with the time each step took."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def run(self, title: str, action: Any, *args: Any, **kwargs: Any) -> Any:
+        self.done += 1
+        print(f"\n[demo {self.done}/{self.total}] {title}", flush=True)
+        begin = time.perf_counter()
+        result = action(*args, **kwargs)
+        seconds = time.perf_counter() - begin
+        self.timings[title] = round(seconds, 1)
+        print(f"[demo {self.done}/{self.total}] done in {seconds:.1f} s", flush=True)
+        return result
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def run_demo(
+    out_dir: str | Path = "runs/demo", fast: bool = False, *, methods: Sequence[str] = METHODS
+) -> dict[str, dict[str, Any]]:
+    """Run the demo (see the module docstring) into ``out_dir``.
+
+    Layout of ``out_dir``: ``data/`` (the synthetic set), ``runs/<method>/`` (``ivpt train`` outputs:
+    ``config.yaml``, ``log.jsonl``, ``best.pt``, ``last.pt``, ``metrics.json``), ``explain/`` (one PNG and
+    one JSON per explained image), ``report/index.html``, ``results.json`` and ``timings.json``.
+
+    Args:
+        out_dir: output folder (created).
+        fast: a much smaller run of the same steps, for smoke tests.
+        methods: which of :data:`METHODS` to train and score (IVPT is always needed for the figures).
+
+    Returns:
+        ``results.json``'s content: method -> the :data:`TABLE_METRICS` (percent, ``None`` where the
+        method has no concept maps or parts) and ``notes`` saying why any is ``None``.
+
+    Raises:
+        IVPTError: ``out_dir`` is a file, the shipped backbone weights are missing, or ``methods`` is wrong.
+    """
+    from ivpt.engine.evaluate import evaluate_checkpoint
+    from ivpt.engine.trainer import train
+    from ivpt.viz.explain import explain_files
+    from ivpt.viz.report import build_report
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise IVPTError(f"demo: output '{out}' exists and is not a folder")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "ivpt" not in methods:
+        raise IVPTError(f"demo: methods must include 'ivpt' and come from {', '.join(METHODS)}, got {list(methods)}")
+    require_weights()
+    plan = FAST_PLAN if fast else FULL_PLAN
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(total=1 + 2 * len(methods) + 2)
+
+    data_root, generated = steps.run(
+        f"synthetic data: {plan.num_classes} classes x {plan.per_class} images in {out / 'data'}",
+        ensure_synthetic,
+        out / "data",
+        num_classes=plan.num_classes,
+        per_class=plan.per_class,
+        size=int(DEMO_VIT_ARGS["img_size"]),
+        seed=DATA_SEED,
+    )
+    print("generated" if generated else "reused the existing data set (same settings)")
+
+    checkpoints: dict[str, Path] = {}
+    configs: dict[str, Config] = {}
+    for method in methods:
+        cfg = demo_config(method, plan, data_root, out / "runs" / method)
+        configs[method] = cfg
+        summary = steps.run(f"train {method} (ivpt train -c {cfg.train.out_dir}/config.yaml)", train, cfg, None)
+        checkpoints[method] = Path(summary["best_checkpoint"])
+
+    rows: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        results = steps.run(
+            f"evaluate {method} (ivpt eval --checkpoint {checkpoints[method]})",
+            evaluate_checkpoint,
+            checkpoints[method],
+        )
+        rows[method] = table_row(results)
+
+    images = _explain_candidates(configs["ivpt"], plan.explain_images)
+    figures = steps.run(
+        f"explain {len(images)} test image(s) with IVPT (ivpt explain)",
+        explain_files,
+        images,
+        checkpoint=checkpoints["ivpt"],
+        out_dir=out / "explain",
+    )
+    report = steps.run(
+        "IVPT report (ivpt report)",
+        build_report,
+        checkpoints["ivpt"],
+        out_dir=out / "report",
+        top_k=plan.top_k,
+        progress=False,
+    )
+
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    timings = {**steps.timings, "total": round(steps.elapsed, 1)}
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    print("\n" + format_results(rows))
+    print(f"\nexplanations: {', '.join(str(path) for path in figures)}")
+    print(f"report: {report}")
+    print(f"results: {out / 'results.json'}  (demo took {steps.elapsed / 60:.1f} min)")
+    return rows
+
+
+__all__ = [
+    "COMMON_OVERRIDES",
+    "FAST_PLAN",
+    "FULL_PLAN",
+    "METHODS",
+    "METHOD_OVERRIDES",
+    "TABLE_METRICS",
+    "DemoPlan",
+    "demo_config",
+    "demo_overrides",
+    "format_results",
+    "run_demo",
+    "table_row",
+]

@@ -1,0 +1,105 @@
+"""The ``ivpt_demo_vit`` timm registration and the shipped weight file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+
+import ivpt.demo.backbone as demo_backbone
+from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, WEIGHTS_FILE
+from ivpt.demo.pretrain import weight_file_recipe
+from ivpt.errors import IVPTError
+
+MAX_WEIGHTS_BYTES = 10 * 1024 * 1024
+
+
+def test_weights_file_is_small_safetensors_without_classifier() -> None:
+    assert WEIGHTS_FILE.is_file()
+    assert WEIGHTS_FILE.stat().st_size <= MAX_WEIGHTS_BYTES
+    with safe_open(str(WEIGHTS_FILE), framework="pt") as handle:
+        names = set(handle.keys())
+        assert handle.metadata()["arch"] == DEMO_ARCH
+    assert "pos_embed" in names and "blocks.0.attn.qkv.weight" in names
+    assert not any(name.startswith("head.") for name in names)
+    recipe = weight_file_recipe(WEIGHTS_FILE)
+    assert recipe["command"].startswith("ivpt pretrain-backbone --out ")
+    assert 0.0 <= recipe["test_accuracy"] <= 100.0
+
+
+def test_registered_model_is_a_stock_vit_with_the_documented_shape() -> None:
+    assert timm.is_model(DEMO_ARCH)
+    model = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0)
+    assert type(model) is VisionTransformer
+    assert tuple(model.patch_embed.grid_size) == (8, 8)
+    assert model.embed_dim == DEMO_VIT_ARGS["embed_dim"]
+    assert len(model.blocks) == DEMO_VIT_ARGS["depth"]
+    assert model.blocks[0].attn.num_heads == DEMO_VIT_ARGS["num_heads"]
+    tokens = model.forward_features(torch.zeros(2, 3, 64, 64))
+    assert tokens.shape == (2, 1 + 64, DEMO_VIT_ARGS["embed_dim"])
+
+
+def test_pretrained_loads_exactly_the_shipped_tensors() -> None:
+    shipped = load_file(str(WEIGHTS_FILE))
+    model = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=0).eval()
+    state = model.state_dict()
+    assert set(shipped) == set(state)
+    for name, tensor in shipped.items():
+        torch.testing.assert_close(state[name], tensor.float(), rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        features = model(torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    assert features.shape == (3, DEMO_VIT_ARGS["embed_dim"])
+    assert torch.isfinite(features).all()
+
+
+def test_pretrained_with_classes_gets_a_fresh_head_and_same_trunk() -> None:
+    model = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=7)
+    shipped = load_file(str(WEIGHTS_FILE))
+    assert model.head.weight.shape == (7, DEMO_VIT_ARGS["embed_dim"])
+    torch.testing.assert_close(model.cls_token, shipped["cls_token"].float(), rtol=0, atol=0)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_larger_img_size_resamples_the_position_embedding() -> None:
+    model = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=0, img_size=96)
+    shipped = load_file(str(WEIGHTS_FILE))
+    assert model.pos_embed.shape == (1, 1 + 12 * 12, DEMO_VIT_ARGS["embed_dim"])
+    # The CLS position is a prefix token: carried over, not interpolated.
+    torch.testing.assert_close(model.pos_embed[:, :1], shipped["pos_embed"][:, :1].float(), rtol=0, atol=0)
+    torch.testing.assert_close(model.patch_embed.proj.weight, shipped["patch_embed.proj.weight"].float())
+
+
+def test_pretrained_file_overlay_loads_another_file(tmp_path: Path) -> None:
+    other = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0)
+    torch.nn.init.constant_(other.cls_token, 0.25)
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    model = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.cls_token, torch.full_like(model.cls_token, 0.25))
+
+
+def test_missing_weights_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    missing = tmp_path / "gone.safetensors"
+    monkeypatch.setattr(demo_backbone, "WEIGHTS_FILE", missing)
+    with pytest.raises(IVPTError, match=r"ivpt_demo_vit: the pretrained weight file '.*gone\.safetensors' is missing"):
+        timm.create_model(DEMO_ARCH, pretrained=True)
+    # Without pretrained weights nothing is read.
+    assert isinstance(timm.create_model(DEMO_ARCH, pretrained=False), VisionTransformer)
+
+
+def test_project_models_accept_the_demo_backbone() -> None:
+    """``model.arch=ivpt_demo_vit model.pretrained=true`` works for every config (the model package imports
+    the registration)."""
+    from ivpt.model import create_model
+
+    model = create_model(DEMO_ARCH, num_classes=4, img_size=64, n_pro=(6, 5, 4), pretrained=True)
+    shipped = load_file(str(WEIGHTS_FILE))
+    torch.testing.assert_close(model.backbone.pos_embed, shipped["pos_embed"].float(), rtol=0, atol=0)
+    out = model(torch.zeros(2, 3, 64, 64))
+    assert out.logits.shape == (2, 4)
+    assert [maps.shape for maps in out.concept_maps] == [(2, k, 8, 8) for k in (6, 5, 4)]

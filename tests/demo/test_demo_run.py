@@ -1,0 +1,128 @@
+"""``ivpt demo``: its configs, its table, its errors, and one fast end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ivpt.config import Config
+from ivpt.demo.backbone import DEMO_ARCH
+from ivpt.demo.run import (
+    FAST_PLAN,
+    FULL_PLAN,
+    METHODS,
+    TABLE_METRICS,
+    demo_config,
+    format_results,
+    run_demo,
+    table_row,
+)
+from ivpt.errors import IVPTError
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_demo_configs_share_backbone_data_and_budget(method: str, tmp_path: Path) -> None:
+    cfg = demo_config(method, FULL_PLAN, tmp_path / "data", tmp_path / "runs" / method)
+    assert isinstance(cfg, Config)
+    assert cfg.model.method == method
+    assert (cfg.model.arch, cfg.model.pretrained, cfg.model.img_size) == (DEMO_ARCH, True, 64)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.max_steps) == (
+        FULL_PLAN.epochs,
+        FULL_PLAN.batch_size,
+        0,
+    )
+    assert cfg.data.root == str(tmp_path / "data")
+    assert cfg.train.out_dir == str(tmp_path / "runs" / method)
+    assert cfg.data.val_fraction == 0.0
+    # The stored config round-trips: `ivpt train -c OUT/runs/<method>/config.yaml` repeats the run.
+    assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_ivpt_runs_in_the_papers_setting(tmp_path: Path) -> None:
+    cfg = demo_config("ivpt", FULL_PLAN, tmp_path, tmp_path)
+    assert cfg.model.freeze == "tokens"
+    assert cfg.model.n_pro == FULL_PLAN.n_pro
+    assert demo_config("ivpt", FAST_PLAN, tmp_path, tmp_path).model.n_pro == FAST_PLAN.n_pro
+
+
+def test_unknown_method_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(IVPTError, match="demo: unknown method 'protopnet'; expected one of ivpt, vpt_deep"):
+        demo_config("protopnet", FULL_PLAN, tmp_path, tmp_path)
+
+
+def test_table_row_keeps_the_metrics_and_the_notes_behind_them() -> None:
+    results = {
+        "accuracy": 91.5,
+        "top5": 100.0,
+        "consistency": None,
+        "nmi": None,
+        "notes": [
+            "not requested: fg_iou",
+            "consistency: method 'vpt_deep' has no concept maps",
+            "fg_iou: method 'vpt_deep' has no concept maps",
+            "part_discovery: method 'vpt_deep' has no concept maps",
+        ],
+    }
+    row = table_row(results)
+    assert list(row) == [*TABLE_METRICS, "notes"]
+    assert row["accuracy"] == 91.5 and row["consistency"] is None and row["faithfulness"] is None
+    assert row["notes"] == [
+        "consistency: method 'vpt_deep' has no concept maps",
+        "part_discovery: method 'vpt_deep' has no concept maps",
+    ]
+
+
+def test_format_results_prints_numbers_dashes_and_a_note() -> None:
+    full = dict.fromkeys(TABLE_METRICS, 12.345) | {"notes": []}
+    probe = dict.fromkeys(TABLE_METRICS) | {"accuracy": 80.0, "notes": ["consistency: no maps"]}
+    text = format_results({"ivpt": full, "linear_probe": probe})
+    lines = text.splitlines()
+    assert lines[0].split() == ["method", *TABLE_METRICS]
+    assert lines[2].split() == ["ivpt"] + ["12.3"] * len(TABLE_METRICS)
+    assert lines[3].split() == ["linear_probe", "80.0"] + ["-"] * (len(TABLE_METRICS) - 1)
+    assert "note: linear_probe has no concept maps or part scores, so consistency, stability" in text
+    assert "note: ivpt" not in text
+
+
+def test_run_demo_rejects_a_file_as_output_and_runs_without_ivpt(tmp_path: Path) -> None:
+    target = tmp_path / "results"
+    target.write_text("not a folder")
+    with pytest.raises(IVPTError, match=r"demo: output '.*results' exists and is not a folder"):
+        run_demo(target, fast=True)
+    with pytest.raises(IVPTError, match="demo: methods must include 'ivpt'"):
+        run_demo(tmp_path / "out", fast=True, methods=("vpt_deep",))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fast_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    rows = run_demo(out, fast=True)
+
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(rows))
+    assert list(results) == list(METHODS)
+    for method in METHODS:
+        assert set(results[method]) == {*TABLE_METRICS, "notes"}
+        assert 0.0 <= results[method]["accuracy"] <= 100.0
+    for key in ("consistency", "stability", "nmi", "ari", "kpr", "faithfulness"):
+        assert isinstance(results["ivpt"][key], float), key
+        assert results["vpt_deep"][key] is None and results["linear_probe"][key] is None
+    assert any("has no concept maps" in note for note in results["vpt_deep"]["notes"])
+
+    figures = sorted((out / "explain").glob("*.png"))
+    assert len(figures) == FAST_PLAN.explain_images
+    with Image.open(figures[0]) as figure:
+        assert figure.size == (1600, 900)
+    assert (out / "report" / "index.html").read_text().lstrip().lower().startswith("<!doctype html")
+    for method in METHODS:
+        assert (out / "runs" / method / "best.pt").is_file()
+        assert (out / "runs" / method / "metrics.json").is_file()
+    printed = capsys.readouterr().out
+    assert printed.count("[demo 9/9] done") == 1
+    assert "generated" in printed
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["total"] >= sum(v for k, v in timings.items() if k != "total") - 1.0
