@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 import ivpt.demo.backbone as demo_backbone
-from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, WEIGHTS_FILE
+from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS, TOKEN_STRIDE, WEIGHTS_FILE
 from ivpt.demo.pretrain import weight_file_recipe
 from ivpt.errors import IVPTError
 
@@ -42,6 +42,22 @@ def test_registered_model_is_a_stock_vit_with_the_documented_shape() -> None:
     assert model.blocks[0].attn.num_heads == DEMO_VIT_ARGS["num_heads"]
     tokens = model.forward_features(torch.zeros(2, 3, 64, 64))
     assert tokens.shape == (2, 1 + 64, DEMO_VIT_ARGS["embed_dim"])
+
+
+def test_stem_gives_one_token_per_8px_cell_without_running_statistics() -> None:
+    model = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0).eval()
+    assert TOKEN_STRIDE == 8 and len(STEM_CHANNELS) == 6
+    # A frozen backbone must not change in training mode: no batch norm in the stem.
+    assert not any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    # Each token sees a 43 x 43 px window, 21 px either side of its cell's first pixel: column 21 reaches
+    # token (0, 0), column 22 does not.
+    images = torch.zeros(1, 3, 64, 64)
+    base = model.patch_embed(images)[0, 0]
+    far, near = images.clone(), images.clone()
+    far[..., 4, 22] = 5.0
+    near[..., 4, 21] = 5.0
+    torch.testing.assert_close(model.patch_embed(far)[0, 0], base)
+    assert not torch.allclose(model.patch_embed(near)[0, 0], base)
 
 
 def test_pretrained_loads_exactly_the_shipped_tensors() -> None:

@@ -16,7 +16,17 @@ from ivpt.config import Config
 from ivpt.data import load_annotations
 from ivpt.demo.backbone import DEMO_ARCH
 from ivpt.demo.data import ensure_synthetic
-from ivpt.demo.pretrain import _PretrainSamples, attribute_targets, pretrain_backbone, weight_file_recipe
+from ivpt.demo.pretrain import (
+    APPEARANCE_DIMS,
+    _PretrainSamples,
+    appearance_targets,
+    attribute_targets,
+    part_cluster_nmi,
+    part_shares,
+    pretrain_backbone,
+    probe_accuracy,
+    weight_file_recipe,
+)
 from ivpt.errors import IVPTError
 
 
@@ -36,7 +46,7 @@ def test_ensure_synthetic_reuses_identical_sets_and_regenerates_changed_ones(tmp
 
 def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> None:
     # 3 classes x 6 images: 9 training images, two batches of 4 per epoch.
-    options = dict(seed=5, epochs=1, num_classes=3, per_class=6, batch_size=4, progress=False)
+    options = dict(seed=5, epochs=1, num_classes=3, per_class=6, batch_size=4, diagnose=False, progress=False)
     first = pretrain_backbone(tmp_path / "a.safetensors", data_dir=tmp_path / "data", **options)
     second = pretrain_backbone(tmp_path / "b.safetensors", data_dir=tmp_path / "data", **options)
     assert first == tmp_path / "a.safetensors"
@@ -48,6 +58,9 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
     recipe = weight_file_recipe(first)
     assert recipe["seed"] == 5 and recipe["epochs"] == 1 and recipe["num_classes"] == 3
     assert recipe["train_images"] == 9 and recipe["test_images"] == 9
+    assert recipe["command"] == "ivpt pretrain-backbone --out a.safetensors --seed 5 --epochs 1"
+    # A package file: world-readable whatever the umask.
+    assert first.stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "data" / "synthetic.json").read_text())["family"] == "pretrain"
 
     model = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(first)))
@@ -88,22 +101,17 @@ def test_attribute_targets_decode_the_class_names() -> None:
     assert decoded == chosen, name
 
 
-def test_pretrain_samples_give_the_part_share_under_every_patch(tmp_path: Path) -> None:
+def test_pretrain_samples_flip_the_image_and_its_part_map_together(tmp_path: Path) -> None:
     root, _ = ensure_synthetic(tmp_path / "data", num_classes=2, per_class=2, size=64, seed=0, family="pretrain")
     cfg = Config()
     cfg.data.dataset, cfg.data.root = "cub", str(root)
     annotations = load_annotations(cfg.data)
-    plain = _PretrainSamples(annotations, np.arange(4), patch_size=8, flip=False)[0]
-    assert plain["image"].shape == (3, 64, 64) and plain["parts"].shape == (64, 1 + 8)
-    torch.testing.assert_close(plain["parts"].sum(dim=1), torch.ones(64))
+    plain = _PretrainSamples(annotations, np.arange(4), flip=False)[0]
+    assert plain["image"].shape == (3, 64, 64) and plain["part_ids"].shape == (64, 64)
     mask_path = root / "part_masks" / annotations.image_paths[0].relative_to(root / "images").with_suffix(".png")
-    part_ids = np.asarray(Image.open(mask_path))
-    # Known answer: the top-left patch's shares are the pixel counts of each id in its 8 x 8 block.
-    counts = np.bincount(part_ids[:8, :8].ravel(), minlength=9) / 64.0
-    torch.testing.assert_close(plain["parts"][0], torch.from_numpy(counts).float())
+    assert torch.equal(plain["part_ids"], torch.from_numpy(np.asarray(Image.open(mask_path)).astype(np.int64)))
 
-    flipping = _PretrainSamples(annotations, np.arange(4), patch_size=8, flip=True)
-    mirrored_parts = plain["parts"].reshape(8, 8, 9).flip(1).reshape(64, 9)
+    flipping = _PretrainSamples(annotations, np.arange(4), flip=True)
     outcomes = set()
     for seed in range(8):
         torch.manual_seed(seed)
@@ -111,6 +119,70 @@ def test_pretrain_samples_give_the_part_share_under_every_patch(tmp_path: Path) 
         flipped = not torch.equal(sample["image"], plain["image"])
         if flipped:
             assert torch.equal(sample["image"], plain["image"].flip(-1))
-            torch.testing.assert_close(sample["parts"], mirrored_parts)
+            assert torch.equal(sample["part_ids"], plain["part_ids"].flip(-1))
         outcomes.add(flipped)
     assert outcomes == {True, False}
+
+
+def test_part_shares_count_the_pixels_of_each_part_in_every_sub_cell() -> None:
+    part_ids = torch.randint(0, 9, (2, 16, 16), generator=torch.Generator().manual_seed(0))
+    shares = part_shares(part_ids, num_parts=8, stride=8, split=2)
+    assert shares.shape == (2, 4, 4, 9)
+    torch.testing.assert_close(shares.sum(dim=-1), torch.ones(2, 4, 4))
+    # Known answer: token 1 is the top-right 8 x 8 cell; its sub-cell 2 is that cell's bottom-left 4 x 4.
+    counts = torch.bincount(part_ids[1, 4:8, 8:12].flatten(), minlength=9).float() / 16.0
+    torch.testing.assert_close(shares[1, 1, 2], counts)
+    whole = part_shares(part_ids, num_parts=8, stride=8, split=1)
+    torch.testing.assert_close(whole[:, :, 0], shares.mean(dim=2))
+
+
+def test_appearance_targets_are_cell_colours_spread_and_texture() -> None:
+    images = torch.zeros(1, 3, 16, 8)
+    images[0, 0, :8, :4] = 1.0  # token 0: red channel 1 in its left half only
+    images[0, 2, 8:] = torch.tensor([0.0, 2.0]).repeat(8, 4)  # token 1: blue stripes alternating per column
+    target = appearance_targets(images, stride=8, split=2)
+    assert target.shape == (1, 2, APPEARANCE_DIMS)
+    red, blue = target[0, 0], target[0, 1]
+    # Sub-cell means, raster order, three channels each: the left sub-cells are red.
+    torch.testing.assert_close(red[:12].reshape(4, 3)[:, 0], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(red[12:15], torch.tensor([0.5, 0.0, 0.0]))  # std of a half-on channel
+    torch.testing.assert_close(blue[12:15], torch.tensor([0.0, 0.0, 1.0]))
+    # Alternating columns: horizontal difference 2 on 7 of 8 columns (the last is padded), averaged over channels.
+    torch.testing.assert_close(blue[15], torch.tensor(2.0 / 3.0 * 7.0 / 8.0))
+    assert blue[16] < 0.2  # rows repeat; only the cell boundary with token 0 differs
+
+
+def test_part_cluster_nmi_is_100_for_features_that_name_the_part_and_low_for_noise() -> None:
+    generator = torch.Generator().manual_seed(0)
+    parts = torch.randint(1, 5, (30, 16), generator=generator)
+    shares = torch.nn.functional.one_hot(parts, 5).float()
+    shares[:, :4] = torch.nn.functional.one_hot(torch.zeros(30, 4, dtype=torch.long), 5).float()  # background
+    separable = torch.nn.functional.one_hot(parts, 5).float() * 10.0
+    assert part_cluster_nmi(separable, shares, num_clusters=4) == pytest.approx(100.0)
+    noise = torch.randn(30, 16, 8, generator=generator)
+    assert part_cluster_nmi(noise, shares, num_clusters=4) < 10.0
+    with pytest.raises(IVPTError, match="2 foreground tokens are fewer than 4 clusters"):
+        part_cluster_nmi(noise[:1, :2], shares[:1, 4:6], num_clusters=4)
+
+
+def test_probe_accuracy_separates_separable_classes() -> None:
+    labels = torch.arange(40) % 2
+    features = torch.stack([labels.float() * 4.0 - 2.0, torch.zeros(40)], dim=1)
+    is_train = torch.arange(40) < 20
+    assert probe_accuracy(features, labels, is_train) == 100.0
+
+
+def test_centroid_logits_are_negative_squared_distances_like_concept_maps() -> None:
+    from ivpt.demo.pretrain import _PretrainModel
+
+    backbone = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0)
+    model = _PretrainModel(backbone, sizes=(5, 4, 5), num_parts=8)
+    tokens = torch.randn(2, 64, backbone.embed_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.part_centroids.copy_(tokens[0, :9])
+        part_logits, centroid_logits, appearance = model.dense(tokens)
+    assert part_logits.shape == (2, 64, 4, 9) and appearance.shape == (2, 64, APPEARANCE_DIMS)
+    expected = -torch.cdist(tokens, model.part_centroids.detach().expand(2, -1, -1)).square()
+    torch.testing.assert_close(centroid_logits, expected, rtol=1e-4, atol=1e-3)
+    # Token k of image 0 is centroid k itself: its own centroid is the nearest.
+    assert torch.equal(centroid_logits[0, :9].argmax(dim=-1), torch.arange(9))

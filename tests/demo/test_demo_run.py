@@ -45,6 +45,12 @@ def test_ivpt_runs_in_the_papers_setting(tmp_path: Path) -> None:
     cfg = demo_config("ivpt", FULL_PLAN, tmp_path, tmp_path)
     assert cfg.model.freeze == "tokens"
     assert cfg.model.n_pro == FULL_PLAN.n_pro
+    # All eight terms stay on; the three that sharpen every map at once are damped (see run.py).
+    weights = {name: getattr(cfg.loss, name) for name in ("bg_presence", "entropy", "total_variation")}
+    assert weights == dict.fromkeys(weights, 0.1)
+    assert (cfg.loss.classification, cfg.loss.consistency, cfg.loss.presence, cfg.loss.equivariance) == (1, 1, 1, 1)
+    assert demo_config("vpt_deep", FULL_PLAN, tmp_path, tmp_path).loss.entropy == 1.0
+    assert demo_config("vpt_deep", FULL_PLAN, tmp_path, tmp_path).eval.stage == -1
     assert demo_config("ivpt", FAST_PLAN, tmp_path, tmp_path).model.n_pro == FAST_PLAN.n_pro
 
 
@@ -85,6 +91,8 @@ def test_format_results_prints_numbers_dashes_and_a_note() -> None:
     assert lines[3].split() == ["linear_probe", "80.0"] + ["-"] * (len(TABLE_METRICS) - 1)
     assert "note: linear_probe has no concept maps or part scores, so consistency, stability" in text
     assert "note: ivpt" not in text
+    vpt = full | {"faithfulness": None}
+    assert "note: vpt_deep has no part scores, so faithfulness does not apply" in format_results({"vpt_deep": vpt})
 
 
 def test_run_demo_rejects_a_file_as_output_and_runs_without_ivpt(tmp_path: Path) -> None:
@@ -110,8 +118,11 @@ def test_fast_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert 0.0 <= results[method]["accuracy"] <= 100.0
     for key in ("consistency", "stability", "nmi", "ari", "kpr", "faithfulness"):
         assert isinstance(results["ivpt"][key], float), key
-        assert results["vpt_deep"][key] is None and results["linear_probe"][key] is None
-    assert any("has no concept maps" in note for note in results["vpt_deep"]["notes"])
+        assert results["linear_probe"][key] is None
+        # VPT-Deep's prompt attention maps are scored like concept maps; it has no part scores.
+        assert isinstance(results["vpt_deep"][key], float) == (key != "faithfulness"), key
+    assert any("has no concept maps" in note for note in results["linear_probe"]["notes"])
+    assert any(note.startswith("faithfulness:") for note in results["vpt_deep"]["notes"])
 
     figures = sorted((out / "explain").glob("*.png"))
     assert len(figures) == FAST_PLAN.explain_images

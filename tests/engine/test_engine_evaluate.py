@@ -105,15 +105,23 @@ def test_stability_is_reproducible(checkpoint: Path) -> None:
 
 
 def test_methods_without_concept_maps_get_nulls_with_reasons(tiny_config, tmp_path: Path) -> None:
-    path = write_checkpoint(tiny_config("model.method=vpt_deep"), tmp_path / "vpt.pt")
+    path = write_checkpoint(tiny_config("model.method=linear_probe"), tmp_path / "probe.pt")
     results = evaluate_checkpoint(path, metrics=["accuracy", "consistency", "kpr", "fg_iou", "faithfulness"])
     assert isinstance(results["accuracy"], float)
     for key in ("consistency", "kpr", "fg_iou", "faithfulness", "nmi"):
         assert results[key] is None
     assert results["per_stage"] == {} and results["stage"] is None
     notes = results["notes"]
-    assert "consistency: method 'vpt_deep' has no concept maps" in notes
-    assert "faithfulness: method 'vpt_deep' has no part scores and concept maps" in notes
+    assert "consistency: method 'linear_probe' has no concept maps" in notes
+    assert "faithfulness: method 'linear_probe' has no part scores and concept maps" in notes
+
+
+def test_vpt_prompt_attention_maps_get_part_metrics_but_no_faithfulness(tiny_config, tmp_path: Path) -> None:
+    path = write_checkpoint(tiny_config("model.method=vpt_deep"), tmp_path / "vpt.pt")
+    results = evaluate_checkpoint(path, metrics=["accuracy", "consistency", "part_discovery", "faithfulness"])
+    assert isinstance(results["consistency"], float) and isinstance(results["nmi"], float)
+    assert results["faithfulness"] is None
+    assert any(note.startswith("faithfulness: method 'vpt_deep'") for note in results["notes"])
 
 
 def make_folder_dataset(root: Path) -> Path:

@@ -215,7 +215,7 @@ def test_report_end_to_end(make_checkpoint: Callable, tmp_path: Path) -> None:
 
 
 def test_report_without_log_and_concepts(make_checkpoint: Callable, tmp_path: Path) -> None:
-    checkpoint = make_checkpoint("model.method=vpt_deep", log=False)
+    checkpoint = make_checkpoint("model.method=linear_probe", log=False)
     index = build_report(
         checkpoint, out_dir=tmp_path / "r", top_k=2, metrics=["accuracy"], device="cpu", progress=False
     )

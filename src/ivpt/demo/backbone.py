@@ -1,27 +1,41 @@
 """``ivpt_demo_vit``: the small Vision Transformer the demo tunes, registered with timm.
 
-It is a stock :class:`timm.models.vision_transformer.VisionTransformer` (64 px input, 8 px patches, so an
-8 x 8 patch grid; width 96, 6 blocks, 3 heads) whose weights were trained by ``ivpt pretrain-backbone``
-on the ``"pretrain"`` family of the synthetic data set: other classes, other class-defining parts than
-the demo's task. The weights ship with the package (:data:`WEIGHTS_FILE`, safetensors, backbone only),
-so any config can use it offline::
+It is a timm :class:`~timm.models.vision_transformer.VisionTransformer` (64 px input, width 96, 6 blocks,
+3 heads) whose patch embedding is timm's own convolutional stem, as in timm's hybrid ViTs: a
+:class:`~timm.models.vision_transformer_hybrid.ConvStem` of six 3 x 3 convolutions (two per resolution,
+strides 2, 1, 2, 1, 2, 1) under a :class:`~timm.models.vision_transformer_hybrid.HybridEmbed` projection.
+That gives one token per 8 x 8 pixel cell (an 8 x 8 grid), like 8 px patches, but each token sees a
+43 x 43 pixel window (21 px either side of its cell's first pixel; the pretraining targets are those of
+the cell, so that is what the token describes). Trained from scratch on a few thousand images, a linear
+patch embedding leaves the transformer to discover locality and shape on its own, which it does not do
+in a CPU budget; the convolutional stem supplies both from the first step (Xiao et al., "Early convolutions help
+transformers see better", 2021). The stem normalises with :class:`~timm.layers.LayerNorm2d`, not batch
+norm, so a frozen backbone has no running statistics that training mode could move.
+
+The weights were trained by ``ivpt pretrain-backbone`` on the ``"pretrain"`` family of the synthetic
+data set: other classes, other class-defining parts than the demo's task. They ship with the package
+(:data:`WEIGHTS_FILE`, safetensors, backbone only), so any config can use it offline::
 
     model.arch=ivpt_demo_vit model.pretrained=true
 
 Importing this module registers the name; ``timm.create_model("ivpt_demo_vit", pretrained=True,
 img_size=96)`` then builds it with the shipped weights, the position embedding resampled by timm to the
-larger grid. ``pretrained_cfg_overlay=dict(file=...)`` (what ``model.pretrained_file`` sets) loads another
-weight file of the same shape instead.
+larger grid (the stem is convolutional and takes any size). ``pretrained_cfg_overlay=dict(file=...)``
+(what ``model.pretrained_file`` sets) loads another weight file of the same shape instead.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
+from torch import nn
 
 from ivpt.errors import IVPTError
 
@@ -29,15 +43,40 @@ DEMO_ARCH = "ivpt_demo_vit"
 WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "assets" / f"{DEMO_ARCH}.safetensors"
 
 # The architecture the shipped weights belong to. Small enough that the whole demo (three tuning runs,
-# their evaluations, figures and report) fits in minutes on two CPU cores.
+# their evaluations, figures and report) fits in minutes on two CPU cores. ``patch_size`` is that of the
+# projection on the stem's feature map: one token per stem output position.
 DEMO_VIT_ARGS: dict[str, Any] = dict(
     img_size=64,
-    patch_size=8,
+    patch_size=1,
     embed_dim=96,
     depth=6,
     num_heads=3,
     mlp_ratio=4.0,
 )
+# Output channels and strides of the stem's 3 x 3 convolutions: three resolutions, two convolutions each.
+STEM_CHANNELS: tuple[int, ...] = (24, 24, 48, 48, 96, 96)
+STEM_STRIDES: tuple[int, ...] = (2, 1, 2, 1, 2, 1)
+# Pixels per token along each side (the stem's total stride).
+TOKEN_STRIDE = math.prod(STEM_STRIDES)
+
+
+def conv_stem_embed(**embed_args: Any) -> HybridEmbed:
+    """The ``embed_layer`` of the demo ViT: timm's ``ConvStem`` feeding a ``HybridEmbed`` projection.
+
+    ``embed_args`` are what :class:`VisionTransformer` passes to its patch embedding (``img_size``,
+    ``patch_size``, ``in_chans``, ``embed_dim``...); each call builds a fresh stem.
+    """
+    stem = ConvStem(
+        embed_args.get("in_chans", 3),
+        depth=len(STEM_CHANNELS),
+        channels=STEM_CHANNELS,
+        kernel_size=3,
+        stride=STEM_STRIDES,
+        norm_layer=LayerNorm2d,
+        act_layer=nn.GELU,
+    )
+    return HybridEmbed(backbone=stem, **embed_args)
+
 
 # timm reads the pretrained configs of a module from its ``default_cfgs`` when ``register_model`` runs.
 default_cfgs = generate_default_cfgs(
@@ -51,7 +90,7 @@ default_cfgs = generate_default_cfgs(
             interpolation="bicubic",
             mean=IMAGENET_DEFAULT_MEAN,
             std=IMAGENET_DEFAULT_STD,
-            first_conv="patch_embed.proj",
+            first_conv="patch_embed.backbone.0.conv",
             classifier="head",
             license="mit",
         )
@@ -84,7 +123,7 @@ def ivpt_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and "file" not in overlay:
         require_weights()
-    model_args = {**DEMO_VIT_ARGS, **kwargs}
+    model_args = {**DEMO_VIT_ARGS, "embed_layer": conv_stem_embed, **kwargs}
     return build_model_with_cfg(
         VisionTransformer,
         DEMO_ARCH,
@@ -94,4 +133,14 @@ def ivpt_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     )
 
 
-__all__ = ["DEMO_ARCH", "DEMO_VIT_ARGS", "WEIGHTS_FILE", "ivpt_demo_vit", "require_weights"]
+__all__ = [
+    "DEMO_ARCH",
+    "DEMO_VIT_ARGS",
+    "STEM_CHANNELS",
+    "STEM_STRIDES",
+    "TOKEN_STRIDE",
+    "WEIGHTS_FILE",
+    "conv_stem_embed",
+    "ivpt_demo_vit",
+    "require_weights",
+]

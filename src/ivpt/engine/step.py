@@ -1,12 +1,19 @@
 """One training step, shared by ``ivpt train`` and ``ivpt bench``.
 
-:class:`TrainStep` is everything the trainer does per micro-batch: the equivariance warp, one forward of
-the original and the transformed batch together (``2B``), all loss terms, the backward pass, and on the
-last micro-batch of an accumulation group the gradient unscaling, clipping, optimizer step and
+:class:`TrainStep` is everything the trainer does per micro-batch: the equivariance warp, the forward
+passes of the original and the transformed batch, all loss terms, the backward pass, and on the last
+micro-batch of an accumulation group the gradient unscaling, clipping, optimizer step and
 learning-rate step. It never copies a value to the host (no ``.item()``), so a GPU can run ahead; the
 trainer adds the returned loss tensors up on the device and reads them only at log intervals.
 (With fp16 the :class:`torch.amp.GradScaler` itself checks the gradients for infinities on the host:
 that is inherent to loss scaling.)
+
+The transformed batch only feeds the equivariance loss, whose gradient reaches nothing but the stage
+prototypes and spatial biases (concept maps are computed from detached features). Models that offer
+``forward_without_backbone_grad`` (IVPT and the prototype baselines) therefore run it as a second pass
+that stores no backbone activations and needs no backward through the blocks; in one ``2B`` autograd
+forward the backward would run over both halves although the transformed half's gradient is zero.
+Other models get the original and the transformed batch in one ``2B`` forward.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ class TrainStep:
         affine_generator: generator on the model's device that draws the equivariance transforms;
             ``None`` turns the transformed pass off.
         compile: run the forward through :func:`torch.compile`.
+        joint_transformed_pass: run the transformed batch in the same ``2B`` autograd forward as the
+            original even when the model offers ``forward_without_backbone_grad`` (the same gradients,
+            more work; for comparisons).
 
     Attributes:
         micro_step: micro-batches accumulated towards the next optimizer step.
@@ -83,6 +93,7 @@ class TrainStep:
         grad_clip: float = 0.0,
         affine_generator: torch.Generator | None = None,
         compile: bool = False,
+        joint_transformed_pass: bool = False,
     ) -> None:
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
@@ -99,6 +110,14 @@ class TrainStep:
         self.grad_clip = grad_clip
         self.affine_generator = affine_generator
         self.forward = torch.compile(model) if compile else model
+        # The transformed pass goes through the bare module even under DDP: its outputs carry gradient
+        # only to parameters the main pass uses as well, so autograd accumulates each of them once and
+        # DDP's hooks see one gradient per parameter, as without the second pass.
+        bare = model.module if isinstance(model, DistributedDataParallel) else model
+        view_forward = None if joint_transformed_pass else getattr(bare, "forward_without_backbone_grad", None)
+        if view_forward is not None and compile:
+            view_forward = torch.compile(view_forward)
+        self.forward_transformed: Callable[[Tensor], Any] | None = view_forward
         self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
         self.micro_step = 0
         self.optimizer_steps = 0
@@ -130,6 +149,10 @@ class TrainStep:
         with autocast_context(self.device, self.precision):
             if transformed is None:
                 out, out_transformed = self.forward(images), None
+            elif self.forward_transformed is not None:
+                # First: its transient activations are freed before the main pass stores its own.
+                out_transformed = self.forward_transformed(transformed)
+                out = self.forward(images)
             else:
                 out, out_transformed = self.forward(torch.cat([images, transformed])).split(batch)
         # Outside autocast: the criterion computes every term in fp32.
@@ -175,6 +198,7 @@ def build_train_step(
     rank: int = 0,
     distributed_model: nn.Module | None = None,
     criterion: Callable[..., dict[str, Tensor]] | None = None,
+    joint_transformed_pass: bool = False,
 ) -> TrainStep:
     """The training step ``cfg`` describes for ``model`` (which must already be on its device).
 
@@ -188,6 +212,7 @@ def build_train_step(
         world_size, rank: this process's place in a distributed job (for lr scaling and seeding).
         distributed_model: ``model`` wrapped in :class:`DistributedDataParallel`, used for the forward.
         criterion: replaces the default ``IVPTCriterion(cfg.loss)``.
+        joint_transformed_pass: see :class:`TrainStep`.
     """
     device = next(model.parameters()).device
     if criterion is None:
@@ -212,6 +237,7 @@ def build_train_step(
         grad_clip=cfg.optim.grad_clip,
         affine_generator=generator,
         compile=cfg.train.compile,
+        joint_transformed_pass=joint_transformed_pass,
     )
 
 

@@ -14,21 +14,65 @@ method             learned prompt tokens         head
 (``last_layer_proto`` is IVPT without cross-layer stages: :class:`ivpt.model.ivpt.IVPT`.)
 Prompt tokens sit right after the prefix tokens, as in VPT; blocks have no attention mask, so their
 position does not change the result.
+
+The VPT methods have no prototypes, but their prompts attend to the image: in eval mode they report the
+attention of each prompt token of the last block over the patches as concept maps
+(:func:`prompt_attention_maps`), so that ``ivpt eval`` scores their consistency, stability and part
+discovery like IVPT's (the paper's VPT-Deep row). Training never sees these maps: the shaping losses
+would otherwise pull on the prompts, and VPT is trained with cross-entropy alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from ivpt.errors import ConfigError
 from ivpt.model.backbone import ViTModel
 from ivpt.model.concepts import ConceptStage, PartHead, classify_parts
 from ivpt.model.output import IVPTOutput
+
+
+def prompt_attention_maps(
+    block: Block, tokens: Tensor, prompts: slice, patches: slice, grid_size: tuple[int, int]
+) -> Tensor:
+    """Where each prompt token looks in ``block``: its attention over the patch tokens, as concept maps.
+
+    The attention is recomputed from the block's own weights (``norm1``, ``attn.qkv``, the optional
+    ``attn.q_norm``/``attn.k_norm`` and ``attn.scale``): for prompt ``p``, ``a_p = mean_heads
+    softmax_patches(q_p . k_patch * scale)``, the softmax over the patches only, so the maps ignore what
+    the prompt pays to the prefix tokens and to other prompts. Each ``a_p`` is scaled to a maximum of 1,
+    then the patch's foreground mass ``m = max_p a_p`` is shared among the prompts in proportion to their
+    ``a_p``, and the rest goes to the background: ``A_p = m * a_p / sum_q a_q``, ``A_bg = 1 - m``. A patch
+    that no prompt singles out is background, and the argmax over prompts is the prompt that attends
+    to the patch most, relative to its own peak.
+
+    Args:
+        block: a timm ViT block (pre-norm attention).
+        tokens: ``(B, T, D)`` the block's input sequence.
+        prompts: positions of the P prompt tokens in the sequence.
+        patches: positions of the h*w patch tokens, in raster order.
+        grid_size: ``(h, w)``.
+
+    Returns:
+        ``(B, P + 1, h, w)`` float32 maps that sum to 1 over channels, background last.
+    """
+    attention = block.attn
+    batch, length, dim = tokens.shape
+    heads = attention.num_heads
+    qkv = attention.qkv(block.norm1(tokens)).reshape(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    query, key = attention.q_norm(qkv[0]), attention.k_norm(qkv[1])  # (B, heads, T, D / heads)
+    logits = query[:, :, prompts].float() @ key[:, :, patches].float().transpose(-2, -1) * attention.scale
+    weights = logits.softmax(dim=-1).mean(dim=1)  # (B, P, h*w)
+    relative = weights / weights.amax(dim=-1, keepdim=True)
+    foreground = relative.amax(dim=1, keepdim=True)  # (B, 1, h*w)
+    maps = torch.cat([foreground * relative / relative.sum(dim=1, keepdim=True), 1.0 - foreground], dim=1)
+    return maps.reshape(batch, -1, *grid_size)
 
 
 class PromptTunedViT(ViTModel):
@@ -99,27 +143,52 @@ class PromptTunedViT(ViTModel):
         rest = tokens[:, start + self.num_prompts :] if replace else tokens[:, start:]
         return torch.cat([tokens[:, :start], prompts, rest], dim=1)
 
+    def _prompt_attention(self, tokens: Tensor) -> Tensor:
+        """``(B, P + 1, h, w)`` attention maps of the last block's prompts (:func:`prompt_attention_maps`)."""
+        start = self.num_prefix_tokens
+        patches = slice(start + self.num_prompts, start + self.num_prompts + self.grid_size[0] * self.grid_size[1])
+        with torch.no_grad():
+            return prompt_attention_maps(
+                self.backbone.blocks[-1], tokens, slice(start, start + self.num_prompts), patches, self.grid_size
+            )
+
     def forward(self, images: Tensor) -> IVPTOutput:
         """``images (B, 3, H, W)`` -> :class:`IVPTOutput` (prototype fields filled only with a part head)."""
-        tokens = self.embed(images)
-        for index in range(self.num_blocks):
-            if self.prompt_tokens is not None and (self.deep or index == 0):
-                tokens = self._with_prompts(tokens, index if self.deep else 0, replace=index > 0)
-            tokens = self.run_block(index, tokens)
-        tokens = self.backbone.norm(tokens)
-        if self.prompt_tokens is not None:
-            start = self.num_prefix_tokens
-            tokens = torch.cat([tokens[:, :start], tokens[:, start + self.num_prompts :]], dim=1)
-        cls_feature = self.class_token(tokens)
-        if self.classifier is not None:
-            return IVPTOutput(logits=self.classifier(cls_feature), cls_feature=cls_feature)
+        return self._run(images, backbone_grad=True)
 
-        final = classify_parts(self.stages[0], self.head, self.patch_tokens(tokens), self.hard_pooling)
+    def forward_without_backbone_grad(self, images: Tensor) -> IVPTOutput:
+        """Like :meth:`forward`, but only the concept maps keep autograd (see
+        :meth:`ivpt.model.ivpt.IVPT.forward_without_backbone_grad`): the equivariance view's pass."""
+        return self._run(images, backbone_grad=False)
+
+    def _run(self, images: Tensor, backbone_grad: bool) -> IVPTOutput:
+        with contextlib.nullcontext() if backbone_grad else torch.no_grad():
+            tokens = self.embed(images)
+            attention_maps: list[Tensor] = []
+            for index in range(self.num_blocks):
+                if self.prompt_tokens is not None and (self.deep or index == 0):
+                    tokens = self._with_prompts(tokens, index if self.deep else 0, replace=index > 0)
+                if index == self.num_blocks - 1 and self.prompt_tokens is not None and not self.training:
+                    attention_maps.append(self._prompt_attention(tokens))
+                tokens = self.run_block(index, tokens)
+            tokens = self.backbone.norm(tokens)
+            if self.prompt_tokens is not None:
+                start = self.num_prefix_tokens
+                tokens = torch.cat([tokens[:, :start], tokens[:, start + self.num_prompts :]], dim=1)
+            cls_feature = self.class_token(tokens)
+            if self.classifier is not None:
+                return IVPTOutput(
+                    logits=self.classifier(cls_feature), concept_maps=attention_maps, cls_feature=cls_feature
+                )
+
+        maps, regions, parts = classify_parts(
+            self.stages[0], self.head, self.patch_tokens(tokens), self.hard_pooling, head_grad=backbone_grad
+        )
         return IVPTOutput(
-            logits=final.parts.logits,
-            part_logits=final.parts.part_logits,
-            concept_maps=[final.maps],
-            region_features=[final.regions.features],
-            part_features=final.parts.part_features,
+            logits=parts.logits,
+            part_logits=parts.part_logits,
+            concept_maps=[maps],
+            region_features=[regions.features],
+            part_features=parts.part_features,
             cls_feature=cls_feature,
         )

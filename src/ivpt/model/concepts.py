@@ -11,6 +11,7 @@ n = h*w patches, D embedding width.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -214,12 +215,17 @@ class FinalStageOutput(NamedTuple):
     parts: PartOutput
 
 
-def classify_parts(stage: ConceptStage, head: PartHead, patch_features: Tensor, hard: bool) -> FinalStageOutput:
+def classify_parts(
+    stage: ConceptStage, head: PartHead, patch_features: Tensor, hard: bool, head_grad: bool = True
+) -> FinalStageOutput:
     """The last stage: maps from detached features, pooling and head WITH gradient to maps and features.
 
     Args:
         patch_features: ``(B, n, D)`` normalised output patch tokens of the last block.
+        head_grad: ``False`` runs the pooling and the head without autograd; the maps keep theirs (to the
+            prototypes and the spatial bias), which is all the equivariance view needs.
     """
     maps = stage(patch_features.detach())
-    regions = pool_regions(maps, patch_features, hard=hard)
-    return FinalStageOutput(maps, regions, head(regions.features))
+    with contextlib.nullcontext() if head_grad else torch.no_grad():
+        regions = pool_regions(maps if head_grad else maps.detach(), patch_features, hard=hard)
+        return FinalStageOutput(maps, regions, head(regions.features))

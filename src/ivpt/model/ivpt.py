@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -101,43 +102,67 @@ class IVPT(ViTModel):
 
     def forward(self, images: Tensor) -> IVPTOutput:
         """``images (B, 3, H, W)`` -> :class:`IVPTOutput` with every prototype field filled."""
+        return self._run(images, backbone_grad=True)
+
+    def forward_without_backbone_grad(self, images: Tensor) -> IVPTOutput:
+        """The forward pass of the equivariance view: only the concept maps keep their autograd graph.
+
+        Gives the same values as :meth:`forward` (same Gumbel draws aside), but the blocks, the pooling,
+        the fusion and the head run without autograd, so no activation is stored for a backward pass.
+        That loses nothing the equivariance loss needs: concept maps are computed from detached features
+        (METHOD.md section 2), so in :meth:`forward` too their only gradient path leads to the stage
+        prototypes and spatial biases, and this pass keeps exactly that path.
+
+        Returns:
+            :class:`IVPTOutput` whose ``concept_maps`` carry gradient to ``stages.*.prototypes`` and
+            ``stages.*.spatial_bias``; every other field is detached.
+        """
+        return self._run(images, backbone_grad=False)
+
+    def _run(self, images: Tensor, backbone_grad: bool) -> IVPTOutput:
         maps_per_stage: list[Tensor] = []
         regions_per_stage: list[Tensor] = []
         prompts: list[Tensor] = []
         groupings: list[Tensor] = []
         fused_maps: list[Tensor] = []
-        tokens = self.embed(images)
-        for index in range(self.num_blocks):
-            stage = index - self.first_prompted_block
-            if stage < 0:
+        # Everything but the concept maps runs under this context.
+        tracked = contextlib.nullcontext if backbone_grad else torch.no_grad
+        with tracked():
+            tokens = self.embed(images)
+            for index in range(self.first_prompted_block):
                 tokens = self.run_block(index, tokens)
-                continue
-            # Stage maps see the features, never shape them: their gradient must not reach the tokens.
-            patch_features = self.backbone.norm(self.patch_tokens(tokens)).detach()
+        for stage, index in enumerate(range(self.first_prompted_block, self.num_blocks)):
+            with tracked():
+                # Stage maps see the features, never shape them: their gradient must not reach the tokens.
+                patch_features = self.backbone.norm(self.patch_tokens(tokens)).detach()
             maps = self.stages[stage](patch_features)
-            regions = pool_regions(maps.detach(), patch_features, hard=self.hard_pooling)
-            fused = self.fusions[stage](maps, regions)
+            with tracked():
+                regions = pool_regions(maps.detach(), patch_features, hard=self.hard_pooling)
+                fused = self.fusions[stage](maps, regions)
+                num_prompts = fused.prompts.shape[1]
+                tokens = self.run_block(index, torch.cat([tokens, fused.prompts.to(tokens.dtype)], dim=1))
+                tokens = tokens[:, :-num_prompts]
             maps_per_stage.append(maps)
             regions_per_stage.append(regions.features)
             prompts.append(fused.prompts)
             if fused.grouping is not None:
                 groupings.append(fused.grouping)
                 fused_maps.append(fused.fused_maps)
-            num_prompts = fused.prompts.shape[1]
-            tokens = self.run_block(index, torch.cat([tokens, fused.prompts.to(tokens.dtype)], dim=1))
-            tokens = tokens[:, :-num_prompts]
 
-        tokens = self.backbone.norm(tokens)
-        final = classify_parts(self.stages[-1], self.head, self.patch_tokens(tokens), self.hard_pooling)
+        with tracked():
+            tokens = self.backbone.norm(tokens)
+        final_maps, final_regions, parts = classify_parts(
+            self.stages[-1], self.head, self.patch_tokens(tokens), self.hard_pooling, head_grad=backbone_grad
+        )
         return IVPTOutput(
-            logits=final.parts.logits,
-            part_logits=final.parts.part_logits,
-            concept_maps=[*maps_per_stage, final.maps],
+            logits=parts.logits,
+            part_logits=parts.part_logits,
+            concept_maps=[*maps_per_stage, final_maps],
             groupings=groupings,
             fused_maps=fused_maps,
             fusion_targets=[self.target_stage(s) for s in range(len(fused_maps))],
-            region_features=[*regions_per_stage, final.regions.features],
-            part_features=final.parts.part_features,
+            region_features=[*regions_per_stage, final_regions.features],
+            part_features=parts.part_features,
             prompts=prompts,
             cls_feature=self.class_token(tokens),
         )
