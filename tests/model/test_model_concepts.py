@@ -159,3 +159,16 @@ def test_empty_regions_pool_to_zero_in_half_precision():
     assert pooled.features.dtype == torch.float16
     assert torch.isfinite(pooled.features).all()
     assert torch.equal(pooled.features[0, 1:], torch.zeros(2, 5, dtype=torch.float16))
+
+
+def test_empty_regions_give_finite_gradients_in_half_precision():
+    """The backward of the region mean must not scale by 1/clamp (it overflows fp16 into NaN)."""
+    maps = torch.zeros(1, 3, 2, 2)
+    maps[:, 0] = 0.7
+    maps[:, 1] = 0.3
+    maps.requires_grad_(True)
+    features = torch.randn(1, 4, 5).half().requires_grad_(True)
+    pooled = pool_regions(maps, features, hard=True)
+    (pooled.features.float() * torch.arange(3.0).view(1, 3, 1)).sum().backward()
+    assert torch.isfinite(maps.grad).all()
+    assert torch.isfinite(features.grad).all()

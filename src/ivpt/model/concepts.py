@@ -92,9 +92,10 @@ def pool_regions(maps: Tensor, patch_features: Tensor, hard: bool = True) -> Poo
     mass = weights.sum(dim=2)
     # One (B,K,n)x(B,n,D) contraction; never a (B, D, K, h, w) product.
     summed = torch.einsum("bkn,bnd->bkd", weights.to(patch_features.dtype), patch_features)
-    # A non-empty region weighs at least 1/K (its patches' winning probability), so the clamp only
-    # turns 0/0 of empty regions into 0. Divide in float32: 1e-12 underflows to 0 in half precision.
-    features = (summed.float() / mass.float().clamp_min(1e-12).unsqueeze(-1)).to(summed.dtype)
+    # Empty regions divide their zero sum by 1, not by a tiny clamp: 1/1e-12 in the backward pass
+    # overflows half precision and turns into NaN gradients. Divide in float32 for the same reason.
+    safe_mass = torch.where(mass > 0, mass.float(), torch.ones_like(mass, dtype=torch.float32))
+    features = (summed.float() / safe_mass.unsqueeze(-1)).to(summed.dtype)
     return PooledRegions(features, mass)
 
 
