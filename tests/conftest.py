@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pytest
 import torch
 
 from ivpt.config import Config, load_config
+
+# No test may touch the network: the only pretrained weights the tests load are the demo backbone's,
+# shipped inside the package; any attempt to reach the model hub fails at once instead of waiting.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The test models are tiny: extra threads only add synchronisation, and on a shared machine a busy
 # neighbour core makes every intra-op barrier wait (evaluations ran 40x slower with two threads).
