@@ -46,7 +46,6 @@ linear-patch backbone: NMI 6 / 6 / 6 / 6 / 5 / 2, probe 15 %, 2 %).
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import tempfile
 import time
@@ -56,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -66,6 +65,7 @@ from ivpt.config import Config
 from ivpt.data.annotations import Annotations
 from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS, TOKEN_STRIDE
 from ivpt.demo.data import ensure_synthetic
+from ivpt.engine.checkpoint import write_atomically
 from ivpt.errors import IVPTError
 
 PRETRAIN_CLASSES = 100
@@ -528,12 +528,8 @@ def _save_backbone(backbone: nn.Module, out: Path, recipe: dict[str, Any]) -> No
         "arch_args": json.dumps({**DEMO_VIT_ARGS, "stem_channels": list(STEM_CHANNELS)}),
         "recipe": json.dumps(recipe),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
     # A shipped package file: readable by everyone, whatever the umask of the machine that trained it.
-    os.chmod(partial, 0o644)
-    os.replace(partial, out)
+    write_atomically(out, lambda file: file.write(safetensors_bytes(tensors, metadata=metadata)), mode=0o644)
 
 
 def weight_file_recipe(path: str | Path) -> dict[str, Any]:

@@ -18,9 +18,9 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -38,20 +38,27 @@ _LISTED = 6
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` atomically.
+    """Write ``payload`` to ``path`` atomically (see :func:`write_atomically`)."""
+    return write_atomically(path, lambda file: torch.save(dict(payload), file))
 
-    The data goes to a temporary file in the same folder, is flushed to disk, and then replaces
-    ``path`` in one ``os.replace``: a reader (or a run killed mid-write) sees the old file or the new
-    one, never a torn one.
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], Any], mode: int | None = None) -> Path:
+    """Write a file through ``write(file)`` so that no reader ever sees it half written.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, gets ``mode`` (the
+    temporary file is private, 0600, otherwise), and then replaces ``path`` in one ``os.replace``: a
+    reader (or a run killed mid-write) sees the old file or the new one, never a torn one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(dict(payload), file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
+        if mode is not None:
+            os.chmod(tmp_name, mode)
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
