@@ -12,7 +12,7 @@ from PIL import Image
 
 from ivpt.config import Config
 from ivpt.data import build_dataset, check_dataset, load_annotations, make_synthetic
-from ivpt.data.synthetic import FAMILIES, PART_NAMES, class_definitions
+from ivpt.data.synthetic import FAMILIES, PART_NAMES, class_definitions, render_synthetic
 from ivpt.errors import DataError
 
 SMALL = {"num_classes": 3, "per_class": 4, "size": 48}
@@ -111,3 +111,35 @@ def test_regenerating_replaces_an_earlier_set(tmp_path: Path) -> None:
     make_synthetic(tmp_path / "s", **SMALL)
     assert len(list((tmp_path / "s" / "images").iterdir())) == 3
     assert check_dataset("cub", tmp_path / "s")["problems"] == []
+
+
+def test_render_synthetic_gives_the_pixels_split_and_labels_of_the_files(
+    synthetic_root: Path, make_cfg: Callable[..., Config]
+) -> None:
+    data = render_synthetic(num_classes=4, per_class=6, size=64, seed=5)
+    notes = load_annotations(make_cfg("cub", synthetic_root).data)
+    assert data.images.shape == (24, 64, 64, 3) and data.images.dtype == np.uint8
+    files = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in notes.image_paths])
+    assert np.array_equal(data.images, files)  # the same JPEG round trip as the written images
+    masks = [
+        np.asarray(
+            Image.open(synthetic_root / "part_masks" / path.relative_to(synthetic_root / "images").with_suffix(".png"))
+        )
+        for path in notes.image_paths
+    ]
+    assert np.array_equal(data.part_ids, np.stack(masks))
+    assert np.array_equal(data.labels, np.asarray(notes.labels))
+    assert np.array_equal(data.is_train, np.asarray(notes.is_train))
+
+
+def test_render_synthetic_does_not_depend_on_workers_and_holds_out_what_it_is_told() -> None:
+    one = render_synthetic(num_classes=3, per_class=5, size=32, seed=2, family="pretrain", test_per_class=1)
+    two = render_synthetic(num_classes=3, per_class=5, size=32, seed=2, family="pretrain", test_per_class=1, workers=2)
+    assert np.array_equal(one.images, two.images) and np.array_equal(one.part_ids, two.part_ids)
+    assert np.array_equal(one.is_train, two.is_train)
+    assert one.is_train.reshape(3, 5).sum(axis=1).tolist() == [4, 4, 4]
+    assert one.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    with pytest.raises(DataError, match="test_per_class must be between 1 and 4 .* got 5"):
+        render_synthetic(num_classes=3, per_class=5, size=32, test_per_class=5)
+    with pytest.raises(DataError, match="unknown synthetic family 'zoo'"):
+        render_synthetic(family="zoo")

@@ -30,6 +30,7 @@ The same arguments give byte-identical files.
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 import math
 import shutil
@@ -105,6 +106,7 @@ _AXIS_PART = {
 _FAMILY_SALT = {"default": 11, "pretrain": 23}
 _COLOUR_JITTER = 14
 _SUPERSAMPLE = 2
+_JPEG_QUALITY = 92
 
 
 def class_definitions(family: str, num_classes: int) -> list[tuple[str, dict[str, str]]]:
@@ -420,6 +422,32 @@ def _draw_sample(size: int, family: Family, attributes: dict[str, str], rng: np.
 # --- writing -------------------------------------------------------------------------------------------
 
 
+def _check_settings(family: str, num_classes: int, per_class: int, size: int) -> Family:
+    """The family's definition, after checking the generator's arguments (:class:`DataError` naming the bad one)."""
+    if family not in FAMILIES:
+        raise DataError(f"unknown synthetic family '{family}': expected one of {', '.join(FAMILIES)}")
+    spec = FAMILIES[family]
+    if not 2 <= num_classes <= spec.max_classes:
+        raise DataError(
+            f"num_classes must be between 2 and {spec.max_classes} for family '{family}', got {num_classes}"
+        )
+    if per_class < 2:
+        raise DataError(f"per_class must be at least 2 (one train and one test image), got {per_class}")
+    if size < 32:
+        raise DataError(f"size must be at least 32 pixels, got {size}")
+    return spec
+
+
+def _image_rng(seed: int, family: str, label: int, k: int) -> np.random.Generator:
+    """The generator of image ``k`` of class ``label``: every image is drawn from its own stream."""
+    return np.random.default_rng([seed, _FAMILY_SALT[family], label, k])
+
+
+def _train_members(seed: int, label: int, per_class: int, train_count: int) -> set[int]:
+    """Which of a class's ``per_class`` images (indices) are training images."""
+    return set(np.random.default_rng([seed, label, 1]).permutation(per_class)[:train_count].tolist())
+
+
 def _prepare_output(out: Path) -> None:
     """Create ``out``; replace an earlier synthetic set there, but never touch other non-empty folders."""
     if out.exists() and not out.is_dir():
@@ -456,17 +484,7 @@ def make_synthetic(
         Summary: ``root``, ``family``, ``seed``, ``size``, ``images``, ``train``, ``test``, ``classes``
         (names), ``parts`` (names).
     """
-    if family not in FAMILIES:
-        raise DataError(f"unknown synthetic family '{family}': expected one of {', '.join(FAMILIES)}")
-    spec = FAMILIES[family]
-    if not 2 <= num_classes <= spec.max_classes:
-        raise DataError(
-            f"num_classes must be between 2 and {spec.max_classes} for family '{family}', got {num_classes}"
-        )
-    if per_class < 2:
-        raise DataError(f"per_class must be at least 2 (one train and one test image), got {per_class}")
-    if size < 32:
-        raise DataError(f"size must be at least 32 pixels, got {size}")
+    spec = _check_settings(family, num_classes, per_class, size)
     root = Path(out)
     _prepare_output(root)
     classes = class_definitions(family, num_classes)
@@ -479,15 +497,12 @@ def make_synthetic(
         folder = f"{label + 1:03d}.{name}"
         for sub in ("images", "segmentations", "part_masks"):
             (root / sub / folder).mkdir(parents=True)
-        train_members = set(
-            np.random.default_rng([seed, label, 1]).permutation(per_class)[: (per_class + 1) // 2].tolist()
-        )
+        train_members = _train_members(seed, label, per_class, (per_class + 1) // 2)
         for k in range(per_class):
             image_id += 1
-            rng = np.random.default_rng([seed, _FAMILY_SALT[family], label, k])
-            drawn = _draw_sample(size, spec, attributes, rng)
+            drawn = _draw_sample(size, spec, attributes, _image_rng(seed, family, label, k))
             stem = f"{folder}/{name}_{k + 1:04d}"
-            drawn.image.save(root / "images" / f"{stem}.jpg", quality=92)
+            drawn.image.save(root / "images" / f"{stem}.jpg", quality=_JPEG_QUALITY)
             Image.fromarray(drawn.foreground).save(root / "segmentations" / f"{stem}.png")
             Image.fromarray(drawn.part_map.astype(np.uint8)).save(root / "part_masks" / f"{stem}.png")
 
@@ -533,4 +548,92 @@ def make_synthetic(
     return summary
 
 
-__all__ = ["FAMILIES", "PART_NAMES", "class_definitions", "make_synthetic"]
+@dataclass(frozen=True)
+class SyntheticArrays:
+    """A synthetic data set held in memory (:func:`render_synthetic`), image ``i`` in every array's row ``i``.
+
+    Attributes:
+        images: ``(N, S, S, 3)`` uint8 RGB, the pixels :func:`make_synthetic` writes (JPEG round trip included).
+        part_ids: ``(N, S, S)`` uint8 part id per pixel (0: background, 1..P: :data:`PART_NAMES`).
+        labels: ``(N,)`` int64 class index (0-based).
+        is_train: ``(N,)`` bool.
+    """
+
+    images: np.ndarray
+    part_ids: np.ndarray
+    labels: np.ndarray
+    is_train: np.ndarray
+
+
+def _render_class(job: tuple[str, int, int, int, int, int, dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Images and part maps of one class (a worker task of :func:`render_synthetic`)."""
+    family, seed, size, label, first, count, attributes = job
+    images = np.empty((count, size, size, 3), dtype=np.uint8)
+    part_ids = np.empty((count, size, size), dtype=np.uint8)
+    for row, k in enumerate(range(first, first + count)):
+        drawn = _draw_sample(size, FAMILIES[family], attributes, _image_rng(seed, family, label, k))
+        # The same JPEG encoding as make_synthetic's files, so both give the same pixels.
+        encoded = io.BytesIO()
+        drawn.image.save(encoded, format="JPEG", quality=_JPEG_QUALITY)
+        images[row] = np.asarray(Image.open(encoded).convert("RGB"))
+        part_ids[row] = drawn.part_map
+    return images, part_ids
+
+
+def render_synthetic(
+    num_classes: int = 10,
+    per_class: int = 40,
+    size: int = 128,
+    seed: int = 0,
+    family: str = "default",
+    *,
+    test_per_class: int | None = None,
+    workers: int = 1,
+) -> SyntheticArrays:
+    """The images of :func:`make_synthetic` with the same arguments, in memory instead of files.
+
+    Backbone pretraining draws tens of thousands of images; writing and decoding them as files would
+    cost more than drawing them.
+
+    Args:
+        num_classes, per_class, size, seed, family: as for :func:`make_synthetic`; the same values give
+            the same images and, with ``test_per_class=None``, the same split.
+        test_per_class: test images per class (default: half of ``per_class``, rounded down, like the files).
+        workers: processes that draw the images (each class is drawn by one process; results do not
+            depend on this number).
+
+    Raises:
+        DataError: a bad argument (named), as for :func:`make_synthetic`, or ``test_per_class`` outside
+            ``1..per_class - 1``.
+    """
+    _check_settings(family, num_classes, per_class, size)
+    tests = per_class // 2 if test_per_class is None else test_per_class
+    if not 1 <= tests < per_class:
+        raise DataError(f"test_per_class must be between 1 and {per_class - 1} (per_class - 1), got {tests}")
+    classes = class_definitions(family, num_classes)
+    jobs = [(family, seed, size, label, 0, per_class, attributes) for label, (_, attributes) in enumerate(classes)]
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # Fork where there is one: the workers only draw with numpy and PIL, and a forked worker needs no
+        # importable __main__ (spawn fails for code run from stdin or a notebook). A worker that dies
+        # raises BrokenProcessPool here instead of leaving the call waiting.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            parts = list(pool.map(_render_class, jobs))
+    else:
+        parts = [_render_class(job) for job in jobs]
+    is_train = np.zeros((num_classes, per_class), dtype=bool)
+    for label in range(num_classes):
+        is_train[label, sorted(_train_members(seed, label, per_class, per_class - tests))] = True
+    return SyntheticArrays(
+        images=np.concatenate([images for images, _ in parts]),
+        part_ids=np.concatenate([part_ids for _, part_ids in parts]),
+        labels=np.repeat(np.arange(num_classes, dtype=np.int64), per_class),
+        is_train=is_train.reshape(-1),
+    )
+
+
+__all__ = ["FAMILIES", "PART_NAMES", "SyntheticArrays", "class_definitions", "make_synthetic", "render_synthetic"]
