@@ -69,7 +69,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ivpt.demo import run_demo
 
-    run_demo(out_dir=args.out, fast=args.fast)
+    run_demo(out_dir=args.out, fast=args.fast, backbone_file=args.backbone)
     return 0
 
 
@@ -133,9 +133,21 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain_backbone(args: argparse.Namespace) -> int:
-    from ivpt.demo import pretrain_backbone
+    from dataclasses import fields
 
-    path = pretrain_backbone(args.out, seed=args.seed, epochs=args.epochs)
+    from ivpt.demo import pretrain_backbone
+    from ivpt.demo.recipe import PretrainRecipe
+
+    # Every recipe field has the option of the same name (see build_parser).
+    recipe = PretrainRecipe(**{field.name: getattr(args, field.name) for field in fields(PretrainRecipe)})
+    path = pretrain_backbone(
+        args.out,
+        recipe,
+        data_dir=args.data_dir,
+        device=args.device,
+        workers=args.workers,
+        max_minutes=args.max_minutes,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -184,9 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for PNG + JSON per image")
-    p.add_argument(
-        "--override", action="append", default=[], metavar="key=value", help="config override (repeatable)"
-    )
+    p.add_argument("--override", action="append", default=[], metavar="key=value", help="config override (repeatable)")
 
     p = add("report", _cmd_report, "Write a static HTML report of a trained model.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
@@ -197,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", _cmd_demo, "Run the whole story offline on synthetic data (what `make demo` runs).")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     p.add_argument("--fast", action="store_true", help="a much smaller run, for smoke tests")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        metavar="FILE",
+        help="an 'ivpt pretrain-backbone' weight file to tune instead of the shipped one",
+    )
 
     p = add("bench", _cmd_bench, "Benchmark a training step or inference against the bare backbone.")
     p.add_argument("mode", choices=["train-step", "eval"], help="what to time")
@@ -247,8 +263,37 @@ def build_parser() -> argparse.ArgumentParser:
         "Train the small demo ViT on separate synthetic data (reproduces the shipped weights).",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None)
+    from ivpt.demo.recipe import APPEARANCE_STYLES, PretrainRecipe
+
+    default = PretrainRecipe()
+    recipe_options: dict[str, tuple[type, str]] = {
+        "seed": (int, "seed of the images, the initialisation, the data order and the flips"),
+        "epochs": (int, "passes over the training images"),
+        "num_classes": (int, "classes of the pretraining task, at most 100"),
+        "per_class": (int, "images per class"),
+        "test_per_class": (int, "held-out images per class (default: half of --per-class)"),
+        "batch_size": (int, "training batch size"),
+        "lr": (float, "peak learning rate"),
+    }
+    for name, (kind, text) in recipe_options.items():
+        value = getattr(default, name)
+        shown = text if value is None else f"{text} (default {value})"
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, help=shown)
+    p.add_argument(
+        "--appearance",
+        choices=APPEARANCE_STYLES,
+        default=default.appearance,
+        help=f"what the per-token appearance targets describe (default {default.appearance})",
+    )
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda[:N]")
+    p.add_argument("--workers", type=int, default=1, help="processes that draw the images (default 1)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="keep the drawn images here for the next run")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after the epoch that passes this many minutes of training, and save (the file records it)",
+    )
     return parser
 
 

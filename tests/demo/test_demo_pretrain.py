@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from ivpt.config import Config
-from ivpt.data import load_annotations
+from ivpt.cli import main
+from ivpt.data.synthetic import render_synthetic
 from ivpt.demo.backbone import DEMO_ARCH
 from ivpt.demo.data import ensure_synthetic
 from ivpt.demo.pretrain import (
-    APPEARANCE_DIMS,
-    _PretrainSamples,
+    APPEARANCE,
+    _DeviceImages,
     appearance_targets,
     attribute_targets,
     part_cluster_nmi,
+    part_pooled_features,
     part_shares,
     pretrain_backbone,
     probe_accuracy,
     weight_file_recipe,
 )
+from ivpt.demo.recipe import PretrainRecipe
 from ivpt.errors import IVPTError
+
+# 3 classes x 8 images, 2 held out per class: 18 training images, four batches of 4 per epoch.
+TINY = PretrainRecipe(seed=5, epochs=1, num_classes=3, per_class=8, test_per_class=2, batch_size=4)
 
 
 def test_ensure_synthetic_reuses_identical_sets_and_regenerates_changed_ones(tmp_path: Path) -> None:
@@ -45,10 +50,13 @@ def test_ensure_synthetic_reuses_identical_sets_and_regenerates_changed_ones(tmp
 
 
 def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> None:
-    # 3 classes x 6 images: 9 training images, two batches of 4 per epoch.
-    options = dict(seed=5, epochs=1, num_classes=3, per_class=6, batch_size=4, diagnose=False, progress=False)
-    first = pretrain_backbone(tmp_path / "a.safetensors", data_dir=tmp_path / "data", **options)
-    second = pretrain_backbone(tmp_path / "b.safetensors", data_dir=tmp_path / "data", **options)
+    options = dict(data_dir=tmp_path / "data", device="cpu", diagnose=False, progress=False)
+    first = pretrain_backbone(tmp_path / "a.safetensors", TINY, **options)
+    cache = sorted((tmp_path / "data").iterdir())
+    assert [path.name for path in cache] == ["pretrain_seed1005_64px_3x8_test2.npz"]
+    stamp = cache[0].stat().st_mtime_ns
+    second = pretrain_backbone(tmp_path / "b.safetensors", TINY, **{**options, "workers": 2})
+    assert cache[0].stat().st_mtime_ns == stamp  # the second run read the cached images
     assert first == tmp_path / "a.safetensors"
     tensors_a, tensors_b = load_file(str(first)), load_file(str(second))
     assert set(tensors_a) == set(tensors_b)
@@ -57,11 +65,14 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
         assert torch.equal(tensors_a[name], tensors_b[name]), name
     recipe = weight_file_recipe(first)
     assert recipe["seed"] == 5 and recipe["epochs"] == 1 and recipe["num_classes"] == 3
-    assert recipe["train_images"] == 9 and recipe["test_images"] == 9
-    assert recipe["command"] == "ivpt pretrain-backbone --out a.safetensors --seed 5 --epochs 1"
+    assert recipe["epochs_completed"] == 1 and recipe["precision"] == "fp32" and recipe["device"] == "cpu"
+    assert recipe["train_images"] == 18 and recipe["test_images"] == 6
+    assert recipe["command"] == (
+        "ivpt pretrain-backbone --out a.safetensors --seed 5 --epochs 1 --num-classes 3 --per-class 8 "
+        "--test-per-class 2 --batch-size 4"
+    )
     # A package file: world-readable whatever the umask.
     assert first.stat().st_mode & 0o777 == 0o644
-    assert json.loads((tmp_path / "data" / "synthetic.json").read_text())["family"] == "pretrain"
 
     model = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(first)))
     assert torch.equal(model.pos_embed.detach(), tensors_a["pos_embed"])
@@ -71,11 +82,91 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
     assert not torch.equal(fresh.blocks[0].attn.qkv.weight, tensors_a["blocks.0.attn.qkv.weight"])
 
 
+def test_max_minutes_saves_after_the_epoch_that_passes_it(tmp_path: Path) -> None:
+    recipe = PretrainRecipe(**{**TINY.__dict__, "epochs": 3})
+    path = pretrain_backbone(
+        tmp_path / "w.safetensors", recipe, device="cpu", diagnose=False, progress=False, max_minutes=0
+    )
+    written = weight_file_recipe(path)
+    assert written["epochs"] == 3 and written["epochs_completed"] == 1
+
+
+def test_wider_backbone_records_its_size_and_the_demo_builds_it(tmp_path: Path) -> None:
+    from ivpt.demo.run import FAST_PLAN, backbone_file_overrides, demo_config
+
+    path = pretrain_backbone(
+        tmp_path / "wide.safetensors",
+        TINY,
+        device="cpu",
+        diagnose=False,
+        progress=False,
+        arch_args={"embed_dim": 48, "num_heads": 2},
+    )
+    overrides = backbone_file_overrides(path)
+    assert overrides == [f"model.pretrained_file={path.resolve()}", "model.backbone_args={embed_dim: 48, num_heads: 2}"]
+    cfg = demo_config("ivpt", FAST_PLAN, tmp_path / "data", tmp_path / "run", backbone_file=path)
+    assert cfg.model.backbone_args == {"embed_dim": 48, "num_heads": 2}
+    from ivpt.model import build_model
+
+    model = build_model(cfg, num_classes=3)
+    assert torch.equal(model.backbone.pos_embed.detach(), load_file(str(path))["pos_embed"])
+
+
+def test_demo_rejects_backbone_files_it_cannot_use(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ivpt.demo.run import backbone_file_overrides
+
+    with pytest.raises(IVPTError, match=r"backbone file '.*missing\.safetensors' does not exist"):
+        backbone_file_overrides(tmp_path / "missing.safetensors")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign))
+    with pytest.raises(IVPTError, match="was not written by 'ivpt pretrain-backbone'"):
+        backbone_file_overrides(foreign)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a tensor file")
+    with pytest.raises(IVPTError, match="is not a safetensors file"):
+        backbone_file_overrides(garbage)
+
+
 def test_pretrain_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(IVPTError, match=r"output '.*weights\.pt' must be a \.safetensors file"):
         pretrain_backbone(tmp_path / "weights.pt")
     with pytest.raises(IVPTError, match="--epochs must be at least 1, got 0"):
-        pretrain_backbone(tmp_path / "w.safetensors", epochs=0)
+        pretrain_backbone(tmp_path / "w.safetensors", PretrainRecipe(epochs=0))
+    with pytest.raises(IVPTError, match=r"--test-per-class \(8\) must be below --per-class \(8\)"):
+        pretrain_backbone(tmp_path / "w.safetensors", PretrainRecipe(per_class=8, test_per_class=8))
+    with pytest.raises(IVPTError, match="--lr must be positive, got 0.0"):
+        pretrain_backbone(tmp_path / "w.safetensors", PretrainRecipe(lr=0.0))
+    with pytest.raises(IVPTError, match="unknown device 'tpu'"):
+        pretrain_backbone(tmp_path / "w.safetensors", TINY, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(IVPTError, match="device 'cuda' was asked for, but CUDA is not available"):
+            pretrain_backbone(tmp_path / "w.safetensors", TINY, device="cuda")
+    with pytest.raises(IVPTError, match="21 training images are fewer than one batch of 64"):
+        pretrain_backbone(
+            tmp_path / "w.safetensors", PretrainRecipe(num_classes=3, per_class=9, test_per_class=2, batch_size=64)
+        )
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--per-class", "4", "--test-per-class", "4"], r"--test-per-class \(4\) must be below --per-class \(4\)"),
+        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_cli_hands_each_option_to_the_recipe(
+    options: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each option reaches the checks that run before any image is drawn: a one-line error, exit 2.
+    assert main(["pretrain-backbone", "--out", str(tmp_path / "w.safetensors"), *options]) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error) and "Traceback" not in error
     assert not any(tmp_path.iterdir())
 
 
@@ -101,27 +192,20 @@ def test_attribute_targets_decode_the_class_names() -> None:
     assert decoded == chosen, name
 
 
-def test_pretrain_samples_flip_the_image_and_its_part_map_together(tmp_path: Path) -> None:
-    root, _ = ensure_synthetic(tmp_path / "data", num_classes=2, per_class=2, size=64, seed=0, family="pretrain")
-    cfg = Config()
-    cfg.data.dataset, cfg.data.root = "cub", str(root)
-    annotations = load_annotations(cfg.data)
-    plain = _PretrainSamples(annotations, np.arange(4), flip=False)[0]
-    assert plain["image"].shape == (3, 64, 64) and plain["part_ids"].shape == (64, 64)
-    mask_path = root / "part_masks" / annotations.image_paths[0].relative_to(root / "images").with_suffix(".png")
-    assert torch.equal(plain["part_ids"], torch.from_numpy(np.asarray(Image.open(mask_path)).astype(np.int64)))
-
-    flipping = _PretrainSamples(annotations, np.arange(4), flip=True)
-    outcomes = set()
-    for seed in range(8):
-        torch.manual_seed(seed)
-        sample = flipping[0]
-        flipped = not torch.equal(sample["image"], plain["image"])
-        if flipped:
-            assert torch.equal(sample["image"], plain["image"].flip(-1))
-            assert torch.equal(sample["part_ids"], plain["part_ids"].flip(-1))
-        outcomes.add(flipped)
-    assert outcomes == {True, False}
+def test_device_images_flip_the_image_and_its_part_map_together() -> None:
+    data = render_synthetic(num_classes=2, per_class=2, size=64, seed=0, family="pretrain")
+    images = _DeviceImages(data, np.arange(4), torch.device("cpu"))
+    plain = images.batch(torch.tensor([1, 2]))
+    assert plain["image"].shape == (2, 3, 64, 64) and plain["part_ids"].dtype == torch.int64
+    assert torch.equal(plain["part_ids"], torch.from_numpy(data.part_ids[[1, 2]]).long())
+    assert plain["label"].tolist() == data.labels[[1, 2]].tolist()
+    # Normalised with the ImageNet statistics the backbone was built with.
+    red = (data.images[1, ..., 0] / 255.0 - 0.485) / 0.229
+    torch.testing.assert_close(plain["image"][0, 0], torch.from_numpy(red).float())
+    flipped = images.batch(torch.tensor([1, 2]), flip=torch.tensor([True, False]))
+    assert torch.equal(flipped["image"][0], plain["image"][0].flip(-1))
+    assert torch.equal(flipped["part_ids"][0], plain["part_ids"][0].flip(-1))
+    assert torch.equal(flipped["image"][1], plain["image"][1])
 
 
 def test_part_shares_count_the_pixels_of_each_part_in_every_sub_cell() -> None:
@@ -136,20 +220,50 @@ def test_part_shares_count_the_pixels_of_each_part_in_every_sub_cell() -> None:
     torch.testing.assert_close(whole[:, :, 0], shares.mean(dim=2))
 
 
-def test_appearance_targets_are_cell_colours_spread_and_texture() -> None:
+def _two_tokens() -> torch.Tensor:
     images = torch.zeros(1, 3, 16, 8)
     images[0, 0, :8, :4] = 1.0  # token 0: red channel 1 in its left half only
     images[0, 2, 8:] = torch.tensor([0.0, 2.0]).repeat(8, 4)  # token 1: blue stripes alternating per column
-    target = appearance_targets(images, stride=8, split=2)
-    assert target.shape == (1, 2, APPEARANCE_DIMS)
+    return images
+
+
+def test_cell_appearance_is_quarter_colours_spread_and_texture() -> None:
+    target = appearance_targets(_two_tokens(), stride=8, style="cell")
+    assert target.shape == (1, 2, 12 + 3 + 2) and APPEARANCE["cell"].dims == 17
     red, blue = target[0, 0], target[0, 1]
     # Sub-cell means, raster order, three channels each: the left sub-cells are red.
     torch.testing.assert_close(red[:12].reshape(4, 3)[:, 0], torch.tensor([1.0, 0.0, 1.0, 0.0]))
     torch.testing.assert_close(red[12:15], torch.tensor([0.5, 0.0, 0.0]))  # std of a half-on channel
     torch.testing.assert_close(blue[12:15], torch.tensor([0.0, 0.0, 1.0]))
-    # Alternating columns: horizontal difference 2 on 7 of 8 columns (the last is padded), averaged over channels.
-    torch.testing.assert_close(blue[15], torch.tensor(2.0 / 3.0 * 7.0 / 8.0))
-    assert blue[16] < 0.2  # rows repeat; only the cell boundary with token 0 differs
+    # Alternating columns: horizontal difference 2 on 7 of 8 columns (the border repeats itself),
+    # averaged over the channels; rows repeat, so nothing vertically.
+    assert blue[15] == pytest.approx(2.0 / 3.0 * 7.0 / 8.0)
+    assert blue[16] == pytest.approx(0.0)
+
+
+def test_rich_appearance_adds_finer_colour_diagonals_and_a_second_distance() -> None:
+    target = appearance_targets(_two_tokens(), stride=8, style="rich")
+    assert target.shape == (1, 2, 48 + 3 + 8) and APPEARANCE["rich"].dims == 59
+    red, blue = target[0, 0], target[0, 1]
+    # 4 x 4 sub-cells of 2 x 2 pixels: the red half covers the first two of every row of sub-cells.
+    torch.testing.assert_close(red[:48].reshape(16, 3)[:, 0], torch.tensor([1.0, 1.0, 0.0, 0.0] * 4))
+    right, down, down_right, down_left = blue[51:55].tolist()
+    assert right == pytest.approx(2.0 / 3.0 * 7.0 / 8.0) and down == pytest.approx(0.0)
+    # Diagonal neighbours are one column over too (the border column repeats itself).
+    assert down_right == pytest.approx(right) and down_left == pytest.approx(right)
+    # At distance 2 the stripes line up again: only the border columns, which repeat, differ.
+    assert blue[55] == pytest.approx(2.0 / 3.0 * 1.0 / 8.0)
+
+
+def test_part_pooled_features_average_each_true_part() -> None:
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 5.0], [9.0, 9.0]]])  # (1, 4 tokens, D=2)
+    shares = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [1.0, 0.0, 0.0]]])  # bg, p1, p2
+    pooled = part_pooled_features(tokens, shares)
+    assert pooled.shape == (1, 4)
+    # Part 1: tokens 0 and 1 equally; part 2: only token 2; the background token 3 never counts.
+    torch.testing.assert_close(pooled[0], torch.tensor([2.0, 0.0, 0.0, 5.0]))
+    absent = part_pooled_features(tokens, torch.tensor([[[1.0, 0.0, 0.0]] * 4]))
+    assert torch.equal(absent, torch.zeros(1, 4))
 
 
 def test_part_cluster_nmi_is_100_for_features_that_name_the_part_and_low_for_noise() -> None:
@@ -181,8 +295,33 @@ def test_centroid_logits_are_negative_squared_distances_like_concept_maps() -> N
     with torch.no_grad():
         model.part_centroids.copy_(tokens[0, :9])
         part_logits, centroid_logits, appearance = model.dense(tokens)
-    assert part_logits.shape == (2, 64, 4, 9) and appearance.shape == (2, 64, APPEARANCE_DIMS)
+    assert part_logits.shape == (2, 64, 4, 9) and appearance.shape == (2, 64, APPEARANCE["cell"].dims)
     expected = -torch.cdist(tokens, model.part_centroids.detach().expand(2, -1, -1)).square()
     torch.testing.assert_close(centroid_logits, expected, rtol=1e-4, atol=1e-3)
     # Token k of image 0 is centroid k itself: its own centroid is the nearest.
     assert torch.equal(centroid_logits[0, :9].argmax(dim=-1), torch.arange(9))
+
+
+def test_epoch_order_replays_the_engines_sampler_and_per_sample_flips() -> None:
+    from torch.utils.data import Dataset
+
+    from ivpt.demo.pretrain import epoch_order
+    from ivpt.engine.rng import EpochSampler, SeededSamples
+
+    class CoinFlips(Dataset):
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, index: int) -> bool:
+            return bool(torch.rand(()) < 0.5)
+
+    sampler = EpochSampler(40, seed=7)
+    sampler.set_epoch(3)
+    pairs = list(sampler)
+    flips_by_loader = [SeededSamples(CoinFlips(), seed=7)[pair] for pair in pairs]
+    before = torch.get_rng_state()
+    order, flips = epoch_order(40, seed=7, epoch=3)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
+    assert order.tolist() == [index for index, _ in pairs]
+    assert flips.tolist() == flips_by_loader and 0 < int(flips.sum()) < 40
+    assert order.tolist() != epoch_order(40, seed=7, epoch=4)[0].tolist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,16 @@ def test_run_demo_rejects_a_file_as_output_and_runs_without_ivpt(tmp_path: Path)
     with pytest.raises(IVPTError, match="demo: methods must include 'ivpt'"):
         run_demo(tmp_path / "out", fast=True, methods=("vpt_deep",))
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_cli_checks_the_backbone_file_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ivpt.cli import main
+
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--backbone", str(tmp_path / "none.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"demo: backbone file '.*none\.safetensors' does not exist", error)
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -5,11 +5,16 @@ backbone must therefore know images of this kind without knowing the task: it is
 ``"pretrain"`` family of the synthetic generator, whose classes are defined by the breast pattern, tail
 shape and tail colour, while the demo's classes are defined by head colour, wing pattern and beak shape.
 
-Recipe (everything derives from ``seed``, so the same command writes the same file on the same
-software and thread count): 100 classes x 100 images of 64 px, the training half (5000 images), random
-horizontal flips; :data:`PRETRAIN_EPOCHS` (12) epochs of AdamW (lr 2e-3, weight decay 0.05, gradient norm
-clipped at 2), batch 32, one warm-up epoch then cosine decay. The shipped file took 9.5 minutes on one
-CPU thread (plus about a minute to generate the images).
+Recipe (:class:`ivpt.demo.recipe.PretrainRecipe`; everything derives from ``seed``, so the same command
+writes the same file on the same hardware, software and thread count). The default, which wrote the
+shipped file: 100 classes x 100 images of 64 px drawn in memory
+(:func:`ivpt.data.synthetic.render_synthetic`), half of each class held out; random horizontal flips;
+12 epochs of AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped at 2), batch 32, one warm-up epoch
+then cosine decay; about 10 minutes on one CPU thread. The images and the model live on the training
+device and batches are gathered there (the order and flips are those of the engine's
+:class:`~ivpt.engine.rng.EpochSampler` and :class:`~ivpt.engine.rng.SeededSamples`), so the same code
+scales to a GPU (bf16 autocast there) with more images (``per_class``), ``workers`` processes drawing
+them, and ``max_minutes`` as a guard for time-boxed machines.
 
 Supervised signals, all from the pretraining family's own annotations and pixels:
 
@@ -23,9 +28,12 @@ Supervised signals, all from the pretraining family's own annotations and pixels
   ``c_k`` per part and background, the very form of IVPT's concept maps (squared distance, no
   temperature). A linear head can read parts off features whose clusters mix; this term lays the
   tokens of one part out *near each other*, which is what prototypes need;
-- ``appearance``: per token, its cell's mean colour per quarter, colour standard deviation and mean
-  horizontal / vertical gradient (smooth-L1 regression), so that the features keep local colour and
-  texture, which the demo's classes are made of.
+- ``appearance``: per token, what its cell's pixels look like (:func:`appearance_targets`, smooth-L1
+  regression). Style ``"cell"`` (the default): the mean colour of each quarter of the cell, the colour
+  spread, and the mean absolute horizontal and vertical pixel differences; ``"rich"``: the mean colour
+  of each of 4 x 4 sub-cells and the differences in four directions at distances 1 and 2. A
+  self-supervised signal about every pixel, not about the task: it keeps local colour, texture and
+  orientation in the features, and the demo's classes are made of those.
 
 The three dense terms are applied to the normalised tokens after every block from the second on (shared
 heads): those are the depths where IVPT's prototype stages read the features, so each of them must show
@@ -34,21 +42,21 @@ part-aware at scale; it uses part masks of the *pretraining* images only. The de
 annotations are never seen, and the part metrics of the demo measure whether prototypes trained without
 any part label find the parts in these features.
 
-After training, :func:`feature_diagnostics` scores the frozen features on a separate set of *demo-family*
-images (seed ``seed + 2000``, not the demo's; part masks used for scoring only): the NMI between k-means
-clusters of foreground tokens and their majority part, per block, and the accuracy of a linear probe on
-the mean patch token. The file's metadata records the recipe, the held-out class accuracy of the CLS
-attribute classifiers (all three attributes right) and these diagnostics. Shipped file: part NMI
-34 / 34 / 32 / 30 / 29 / 23 after blocks 1-6, probe 17 %, attribute accuracy 3.5 % (the previous,
-linear-patch backbone: NMI 6 / 6 / 6 / 6 / 5 / 2, probe 15 %, 2 %).
+After training, :func:`feature_diagnostics` scores the frozen features on separate *demo-family* images
+(seed ``seed + 2000``, not the demo's; part masks used for scoring only): the NMI between k-means
+clusters of foreground tokens and their majority part, per block, the accuracy of a linear probe on the
+mean patch token, and that of a probe on the tokens pooled over each true part (what a perfect part
+discovery would hand IVPT's classifier). The file's metadata records the recipe, the held-out accuracy
+of the CLS attribute classifiers (all three attributes right) and these diagnostics; the README's demo
+section quotes those of the shipped file.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,28 +66,48 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ivpt.config import Config
-from ivpt.data.annotations import Annotations
+from ivpt.config import OptimConfig
+from ivpt.data.synthetic import SyntheticArrays, render_synthetic
 from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS, TOKEN_STRIDE
-from ivpt.demo.data import ensure_synthetic
+from ivpt.demo.recipe import PretrainRecipe
 from ivpt.engine.checkpoint import write_atomically
 from ivpt.errors import IVPTError
 
-PRETRAIN_CLASSES = 100
-PRETRAIN_PER_CLASS = 100
-PRETRAIN_EPOCHS = 12
-PRETRAIN_BATCH = 32
-PRETRAIN_LR = 2e-3
-PRETRAIN_WEIGHT_DECAY = 0.05
-PRETRAIN_WARMUP_EPOCHS = 1.0
-PRETRAIN_GRAD_CLIP = 2.0
 LABEL_SMOOTHING = 0.1
 FOREGROUND_WEIGHT = 3.0
-# Each token's cell is split into CELL_SPLIT x CELL_SPLIT quarters for the part and colour targets.
-CELL_SPLIT = 2
+WEIGHT_DECAY = 0.05
+WARMUP_EPOCHS = 1.0
+GRAD_CLIP = 2.0
+# Each token's cell is split into PART_SPLIT x PART_SPLIT sub-cells for the part targets.
+PART_SPLIT = 2
+
+
+@dataclass(frozen=True)
+class AppearanceStyle:
+    """What :func:`appearance_targets` describes per token.
+
+    Attributes:
+        split: the token's cell is split into ``split x split`` sub-cells, each giving its mean colour.
+        steps: pixel distances of the texture differences.
+        directions: texture directions, the first of right, down, down-right, down-left.
+    """
+
+    split: int
+    steps: tuple[int, ...]
+    directions: int
+
+    @property
+    def dims(self) -> int:
+        """Length of the target vector of one token."""
+        return 3 * self.split * self.split + 3 + self.directions * len(self.steps)
+
+
+APPEARANCE = {
+    "cell": AppearanceStyle(split=2, steps=(1,), directions=2),
+    "rich": AppearanceStyle(split=4, steps=(1, 2), directions=4),
+}
 # The dense heads read the tokens after blocks FIRST_SUPERVISED_BLOCK.. (0-based) and the final output.
 FIRST_SUPERVISED_BLOCK = 1
 # Keeps the pretraining images apart from every demo image even when both use seed 0.
@@ -88,6 +116,9 @@ _DATA_SEED_OFFSET = 1000
 _DIAGNOSTIC_SEED_OFFSET = 2000
 _DIAGNOSTIC_CLASSES = 10
 _DIAGNOSTIC_PER_CLASS = 60
+
+
+PRETRAIN_EPOCHS = PretrainRecipe.epochs
 
 
 def attribute_targets(family: str, num_classes: int) -> tuple[Tensor, tuple[int, ...]]:
@@ -119,11 +150,11 @@ def _cells(maps: Tensor, stride: int, split: int) -> Tensor:
     return pooled.permute(0, 2, 4, 3, 5, 1).reshape(batch, height * width, split * split, channels)
 
 
-def part_shares(part_ids: Tensor, num_parts: int, stride: int, split: int = CELL_SPLIT) -> Tensor:
+def part_shares(part_ids: Tensor, num_parts: int, stride: int, split: int = PART_SPLIT) -> Tensor:
     """Share of each part under every token's sub-cells.
 
     Args:
-        part_ids: ``(B, H, W)`` int64 part id per pixel (0: background, 1..P: parts).
+        part_ids: ``(B, H, W)`` integer part id per pixel (0: background, 1..P: parts).
         num_parts: P.
         stride: pixels per token side.
         split: sub-cells per token side.
@@ -131,70 +162,101 @@ def part_shares(part_ids: Tensor, num_parts: int, stride: int, split: int = CELL
     Returns:
         ``(B, h*w, split*split, P + 1)`` fractions that sum to 1 over the last axis (column 0: background).
     """
-    one_hot = F.one_hot(part_ids, num_parts + 1).permute(0, 3, 1, 2).float()
+    one_hot = F.one_hot(part_ids.long(), num_parts + 1).permute(0, 3, 1, 2).float()
     return _cells(one_hot, stride, split)
 
 
-APPEARANCE_DIMS = 3 * CELL_SPLIT * CELL_SPLIT + 3 + 2
+def _texture(images: Tensor, step: int, directions: int) -> Tensor:
+    """``(B, 3, H, W)`` -> ``(B, directions, H, W)``: per pixel, the channel-mean absolute difference to the
+    pixel ``step`` away to the right, below, below-right and below-left (the first ``directions`` of those;
+    border pixels repeat, so they differ by nothing)."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (step, step, step, step), mode="replicate")
+
+    def shifted(down: int, right: int) -> Tensor:
+        return padded[..., step + down : step + down + height, step + right : step + right + width]
+
+    offsets = ((0, step), (step, 0), (step, step), (step, -step))[:directions]
+    return torch.cat([(shifted(*offset) - images).abs().mean(1, keepdim=True) for offset in offsets], dim=1)
 
 
-def appearance_targets(images: Tensor, stride: int, split: int = CELL_SPLIT) -> Tensor:
-    """What each token's pixels look like, the regression target that keeps colour in the features.
+def appearance_targets(images: Tensor, stride: int, style: str = "cell") -> Tensor:
+    """What each token's pixels look like, the regression target that keeps colour and texture in the features.
 
     Args:
         images: ``(B, 3, H, W)`` normalised images.
         stride: pixels per token side.
-        split: sub-cells per token side.
+        style: a key of :data:`APPEARANCE`.
 
     Returns:
-        ``(B, h*w, 3 * split**2 + 5)``: per token, the mean colour of each sub-cell, the colour standard
-        deviation over the cell and the mean absolute horizontal and vertical differences (texture).
+        ``(B, h*w, APPEARANCE[style].dims)``: per token, the mean colour of each sub-cell (raster order,
+        3 channels each), the colour standard deviation over the cell, and the cell's mean of the
+        :func:`_texture` differences, direction by direction for each step.
     """
+    spec = APPEARANCE[style]
     batch = images.shape[0]
-    means = _cells(images, stride, split).flatten(2)  # (B, h*w, split*split*3)
+    means = _cells(images, stride, spec.split).flatten(2)  # (B, h*w, split*split*3)
     cell_mean = _cells(images, stride, 1)[:, :, 0]
     cell_square = _cells(images.square(), stride, 1)[:, :, 0]
     spread = (cell_square - cell_mean.square()).clamp_min(0.0).sqrt()  # (B, h*w, 3)
-    dx = F.pad((images[..., 1:] - images[..., :-1]).abs().mean(1, keepdim=True), (0, 1))
-    dy = F.pad((images[..., 1:, :] - images[..., :-1, :]).abs().mean(1, keepdim=True), (0, 0, 0, 1))
-    texture = _cells(torch.cat([dx, dy], dim=1), stride, 1)[:, :, 0]  # (B, h*w, 2)
-    return torch.cat([means, spread, texture], dim=2).reshape(batch, -1, APPEARANCE_DIMS)
+    texture = torch.cat([_texture(images, step, spec.directions) for step in spec.steps], dim=1)
+    texture = _cells(texture, stride, 1)[:, :, 0]  # (B, h*w, directions * len(steps))
+    return torch.cat([means, spread, texture], dim=2).reshape(batch, -1, spec.dims)
 
 
-class _PretrainSamples(Dataset):
-    """Images of one split with their part id maps, decoded once; randomly flipped when training.
+class _DeviceImages:
+    """Images of one split with their part id maps and labels, held as tensors on the training device.
 
-    ``dataset[i]`` is a dict: ``image (3, S, S)`` normalised, ``label`` int, ``part_ids (S, S)`` int64
-    (0: background). The flip draws from torch's global generator, which
-    :class:`ivpt.engine.rng.SeededSamples` seeds per sample.
+    :meth:`batch` gathers, flips and normalises a batch there: no data loader, no host copies per step.
     """
 
-    def __init__(self, annotations: Annotations, indices: np.ndarray, flip: bool) -> None:
-        from ivpt.data.images import open_image
-
-        self.flip = flip
-        self.num_parts = len(annotations.part_names)
-        self.labels = [int(annotations.labels[i]) for i in indices]
-        images, part_maps = [], []
-        for position in indices:
-            image_path = annotations.image_paths[int(position)]
-            relative = image_path.relative_to(annotations.root / "images").with_suffix(".png")
-            images.append(np.asarray(open_image(image_path), dtype=np.uint8))
-            part_maps.append(np.asarray(open_image(annotations.root / "part_masks" / relative, "L", "part mask")))
-        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
-        self.part_ids = torch.from_numpy(np.stack(part_maps).astype(np.int64))  # (N, S, S)
-        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    def __init__(self, data: SyntheticArrays, rows: np.ndarray, device: torch.device) -> None:
+        self.images = torch.from_numpy(data.images[rows]).permute(0, 3, 1, 2).contiguous().to(device)  # (N,3,S,S)
+        self.part_ids = torch.from_numpy(data.part_ids[rows]).to(device)  # (N, S, S) uint8
+        self.labels = torch.from_numpy(data.labels[rows]).to(device)
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.images[index].float() / 255.0
-        part_ids = self.part_ids[index]
-        if self.flip and bool(torch.rand(()) < 0.5):
-            image, part_ids = image.flip(-1), part_ids.flip(-1)
-        return {"image": (image - self.mean) / self.std, "label": self.labels[index], "part_ids": part_ids}
+    def batch(self, index: Tensor, flip: Tensor | None = None) -> dict[str, Tensor]:
+        """Rows ``index (B,)``, mirrored where ``flip (B,)`` is true.
+
+        Returns:
+            ``image (B, 3, S, S)`` normalised float, ``label (B,)``, ``part_ids (B, S, S)`` int64.
+        """
+        index = index.to(self.images.device)
+        images = self.images[index].float() / 255.0
+        part_ids = self.part_ids[index].long()
+        if flip is not None:
+            flip = flip.to(self.images.device)
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            part_ids = torch.where(flip.view(-1, 1, 1), part_ids.flip(-1), part_ids)
+        return {"image": (images - self.mean) / self.std, "label": self.labels[index], "part_ids": part_ids}
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
+    """The order in which an epoch visits the training images, and which of them it mirrors.
+
+    The same streams as :class:`ivpt.engine.rng.EpochSampler` (one permutation from ``seed + epoch``)
+    and :class:`ivpt.engine.rng.SeededSamples` (one draw per image from its ``(seed, epoch, index)``
+    seed), so a recipe gives the same batches whatever the device.
+
+    Returns:
+        ``order (size,)`` image indices and ``flips (size,)`` bool, flip ``i`` belonging to ``order[i]``.
+    """
+    from ivpt.engine.rng import EpochSampler, sample_seed
+
+    sampler = EpochSampler(size, seed)
+    sampler.set_epoch(epoch)
+    order = [index for index, _ in sampler]
+    flips = []
+    with torch.random.fork_rng(devices=[]):
+        for index in order:
+            torch.manual_seed(sample_seed(seed, epoch, index))
+            flips.append(bool(torch.rand(()) < 0.5))
+    return torch.tensor(order), torch.tensor(flips)
 
 
 def normalised_depths(backbone: nn.Module, images: Tensor, first_block: int = 0) -> list[Tensor]:
@@ -226,16 +288,17 @@ class _PretrainModel(nn.Module):
     those to part logits and appearance predictions.
     """
 
-    def __init__(self, backbone: nn.Module, sizes: tuple[int, ...], num_parts: int) -> None:
+    def __init__(self, backbone: nn.Module, sizes: tuple[int, ...], num_parts: int, appearance: str = "cell") -> None:
         super().__init__()
         self.backbone = backbone
         self.sizes = sizes
         self.num_parts = num_parts
+        self.appearance = appearance
         dim = backbone.embed_dim
         self.cls_head = nn.Linear(dim, sum(sizes))
         self.patch_head = nn.Linear(dim, sum(sizes))
-        self.part_head = nn.Linear(dim, CELL_SPLIT * CELL_SPLIT * (num_parts + 1))
-        self.appearance_head = nn.Linear(dim, APPEARANCE_DIMS)
+        self.part_head = nn.Linear(dim, PART_SPLIT * PART_SPLIT * (num_parts + 1))
+        self.appearance_head = nn.Linear(dim, APPEARANCE[appearance].dims)
         # One centroid per part (and background) scored like IVPT's concept maps: softmax(-||z - c||^2).
         self.part_centroids = nn.Parameter(torch.randn(num_parts + 1, dim))
 
@@ -250,24 +313,24 @@ class _PretrainModel(nn.Module):
     def dense(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, h*w, D)`` -> part logits ``(B, h*w, split*split, P + 1)``, centroid logits ``(B, h*w, P + 1)``
         and appearance ``(B, h*w, A)``."""
-        part_logits = self.part_head(tokens).unflatten(-1, (CELL_SPLIT * CELL_SPLIT, self.num_parts + 1))
-        centroid_logits = -(tokens.unsqueeze(-2) - self.part_centroids).pow(2).sum(dim=-1)
+        part_logits = self.part_head(tokens).unflatten(-1, (PART_SPLIT * PART_SPLIT, self.num_parts + 1))
+        centroid_logits = -(tokens.float().unsqueeze(-2) - self.part_centroids).pow(2).sum(dim=-1)
         return part_logits, centroid_logits, self.appearance_head(tokens)
 
 
 def _losses(model: _PretrainModel, batch: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
-    """The three pretraining terms (see the module docstring); their sum is what is minimised."""
+    """The four pretraining terms (see the module docstring), in fp32; their sum is what is minimised."""
     images = batch["image"]
     cls_logits, patch_logits, depths = model(images)
     wanted = targets[batch["label"]]  # (B, A)
     attributes = sum(
-        F.cross_entropy(logits, wanted[:, axis], label_smoothing=LABEL_SMOOTHING)
+        F.cross_entropy(logits.float(), wanted[:, axis], label_smoothing=LABEL_SMOOTHING)
         for head in (cls_logits, patch_logits)
         for axis, logits in enumerate(head)
     )
     shares = part_shares(batch["part_ids"], model.num_parts, TOKEN_STRIDE)  # (B, n, cells, P + 1)
     weights = 1.0 + FOREGROUND_WEIGHT * (1.0 - shares[..., 0])  # (B, n, cells)
-    appearance = appearance_targets(images, TOKEN_STRIDE)
+    appearance = appearance_targets(images, TOKEN_STRIDE, model.appearance)
     token_shares = shares.mean(dim=2)  # (B, n, P + 1)
     token_weights = weights.mean(dim=2)
     parts = images.new_zeros(())
@@ -275,11 +338,11 @@ def _losses(model: _PretrainModel, batch: dict[str, Tensor], targets: Tensor) ->
     colours = images.new_zeros(())
     for tokens in depths:
         part_logits, centroid_logits, predicted = model.dense(tokens)
-        per_cell = -(shares * part_logits.log_softmax(dim=-1)).sum(dim=-1)
+        per_cell = -(shares * part_logits.float().log_softmax(dim=-1)).sum(dim=-1)
         parts = parts + (per_cell * weights).sum() / weights.sum()
         per_token = -(token_shares * centroid_logits.log_softmax(dim=-1)).sum(dim=-1)
         geometry = geometry + (per_token * token_weights).sum() / token_weights.sum()
-        colours = colours + F.smooth_l1_loss(predicted, appearance)
+        colours = colours + F.smooth_l1_loss(predicted.float(), appearance)
     count = len(depths)
     return {
         "attributes": attributes,
@@ -290,16 +353,17 @@ def _losses(model: _PretrainModel, batch: dict[str, Tensor], targets: Tensor) ->
 
 
 @torch.no_grad()
-def _test_accuracy(model: _PretrainModel, loader: DataLoader, targets: Tensor) -> float:
-    """Class accuracy (%) of the CLS classifiers: every attribute of the image's class predicted."""
+def _test_accuracy(model: _PretrainModel, images: _DeviceImages, targets: Tensor, batch_size: int) -> float:
+    """Held-out share (%) of images whose three CLS attribute predictions are all right."""
     model.eval()
-    correct = total = 0
-    for batch in loader:
+    correct = 0
+    for first in range(0, len(images), batch_size):
+        batch = images.batch(torch.arange(first, min(first + batch_size, len(images))))
         cls_logits, _, _ = model(batch["image"])
         predicted = torch.stack([logits.argmax(dim=1) for logits in cls_logits], dim=1)  # (B, A)
         correct += int((predicted == targets[batch["label"]]).all(dim=1).sum())
-        total += int(batch["label"].numel())
-    return 100.0 * correct / max(total, 1)
+    model.train()
+    return 100.0 * correct / max(len(images), 1)
 
 
 def part_cluster_nmi(features: Tensor, shares: Tensor, num_clusters: int, seed: int = 0) -> float:
@@ -327,205 +391,286 @@ def part_cluster_nmi(features: Tensor, shares: Tensor, num_clusters: int, seed: 
 
 
 def probe_accuracy(features: Tensor, labels: Tensor, is_train: Tensor) -> float:
-    """Test accuracy (%) of a logistic-regression probe fit on the training rows of ``features (N, D)``."""
+    """Test accuracy (%) of a logistic-regression probe fit on the training rows of ``features (N, D)``.
+
+    Features are standardised with the training rows' statistics first.
+    """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
     train, test = is_train.numpy().astype(bool), ~is_train.numpy().astype(bool)
     points, classes = features.double().numpy(), labels.numpy()
-    probe = LogisticRegression(max_iter=3000).fit(points[train], classes[train])
-    return 100.0 * float(probe.score(points[test], classes[test]))
+    scaler = StandardScaler().fit(points[train])
+    probe = LogisticRegression(max_iter=3000).fit(scaler.transform(points[train]), classes[train])
+    return 100.0 * float(probe.score(scaler.transform(points[test]), classes[test]))
+
+
+def part_pooled_features(tokens: Tensor, shares: Tensor) -> Tensor:
+    """Tokens averaged over each true part, weighted by the part's share of each token.
+
+    Args:
+        tokens: ``(N, n, D)``.
+        shares: ``(N, n, P + 1)`` part shares under each token (column 0: background).
+
+    Returns:
+        ``(N, P * D)``: the P foreground parts' mean tokens side by side (zeros for a part not in the image).
+    """
+    weights = shares[..., 1:] / shares[..., 1:].sum(dim=1, keepdim=True).clamp_min(1e-6)
+    return torch.einsum("bnp,bnd->bpd", weights, tokens).flatten(1)
 
 
 @torch.no_grad()
-def feature_diagnostics(backbone: nn.Module, root: str | Path, batch_size: int = 200) -> dict[str, Any]:
+def feature_diagnostics(
+    backbone: nn.Module, data: SyntheticArrays, batch_size: int = 200, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Part-awareness and linear separability of a frozen backbone's tokens on a synthetic data set.
 
-    Part masks of ``root`` are used for scoring only. Cheap enough (seconds) to compare pretraining
-    recipes after a few epochs.
+    Part masks of ``data`` are used for scoring only. Cheap enough (seconds) to compare pretraining
+    recipes.
 
     Args:
         backbone: a timm ViT whose tokens form a :data:`TOKEN_STRIDE`-pixel grid.
-        root: a synthetic data set (``ivpt make-synthetic``; any family).
+        data: a synthetic data set (:func:`ivpt.data.synthetic.render_synthetic`; any family).
         batch_size: images per forward.
+        device: where the backbone runs.
 
     Returns:
         ``part_nmi``: per block (0-based), :func:`part_cluster_nmi` of its normalised output with
-        ``P + 1`` clusters; ``probe_accuracy``: :func:`probe_accuracy` of the mean final patch token.
+        ``P + 1`` clusters; ``probe_accuracy``: :func:`probe_accuracy` of the mean final patch token;
+        ``part_probe_accuracy``: the same probe on :func:`part_pooled_features` of the final tokens over
+        the true parts.
     """
-    from ivpt.data import load_annotations
-
-    cfg = Config()
-    cfg.data.dataset, cfg.data.root = "cub", str(root)
-    annotations = load_annotations(cfg.data)
-    samples = _PretrainSamples(annotations, np.arange(len(annotations.labels)), flip=False)
+    num_parts = int(data.part_ids.max())
+    images = _DeviceImages(data, np.arange(len(data.labels)), torch.device(device))
     was_training = backbone.training
     backbone.eval()
     start = backbone.num_prefix_tokens
     per_depth: list[list[Tensor]] = []
     shares = []
-    for first in range(0, len(samples), batch_size):
-        batch = [samples[i] for i in range(first, min(first + batch_size, len(samples)))]
-        images = torch.stack([sample["image"] for sample in batch])
-        depths = normalised_depths(backbone, images)
+    for first in range(0, len(images), batch_size):
+        batch = images.batch(torch.arange(first, min(first + batch_size, len(images))))
+        depths = normalised_depths(backbone, batch["image"])
         per_depth = per_depth or [[] for _ in depths]
         for store, sequence in zip(per_depth, depths, strict=True):
-            store.append(sequence[:, start:])
-        part_ids = torch.stack([sample["part_ids"] for sample in batch])
-        shares.append(part_shares(part_ids, samples.num_parts, TOKEN_STRIDE, split=1)[:, :, 0])
+            store.append(sequence[:, start:].float().cpu())
+        shares.append(part_shares(batch["part_ids"], num_parts, TOKEN_STRIDE, split=1)[:, :, 0].cpu())
     backbone.train(was_training)
     part_share = torch.cat(shares)
     features = [torch.cat(store) for store in per_depth]
+    labels, is_train = torch.from_numpy(data.labels), torch.from_numpy(data.is_train)
     return {
-        "part_nmi": [round(part_cluster_nmi(f, part_share, samples.num_parts + 1), 1) for f in features],
-        "probe_accuracy": round(
-            probe_accuracy(
-                features[-1].mean(dim=1), torch.as_tensor(samples.labels), torch.as_tensor(annotations.is_train)
-            ),
-            1,
+        "part_nmi": [round(part_cluster_nmi(f, part_share, num_parts + 1), 1) for f in features],
+        "probe_accuracy": round(probe_accuracy(features[-1].mean(dim=1), labels, is_train), 1),
+        "part_probe_accuracy": round(
+            probe_accuracy(part_pooled_features(features[-1], part_share), labels, is_train), 1
         ),
     }
 
 
+def _pretraining_images(recipe: PretrainRecipe, data_dir: Path | None, workers: int) -> SyntheticArrays:
+    """The recipe's images, drawn with ``workers`` processes, or read from ``data_dir``'s cache of them."""
+    size = int(DEMO_VIT_ARGS["img_size"])
+    settings = dict(
+        num_classes=recipe.num_classes,
+        per_class=recipe.per_class,
+        size=size,
+        seed=recipe.seed + _DATA_SEED_OFFSET,
+        family="pretrain",
+        test_per_class=recipe.test_per_class,
+    )
+    cache = None
+    if data_dir is not None:
+        held_out = "half" if recipe.test_per_class is None else recipe.test_per_class
+        name = f"pretrain_seed{settings['seed']}_{size}px_{recipe.num_classes}x{recipe.per_class}_test{held_out}.npz"
+        cache = Path(data_dir) / name
+        if cache.is_file():
+            with np.load(cache) as stored:
+                return SyntheticArrays(**{field.name: stored[field.name] for field in fields(SyntheticArrays)})
+    data = render_synthetic(**settings, workers=workers)
+    if cache is not None:
+        write_atomically(cache, lambda file: np.savez(file, **asdict(data)))
+    return data
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise IVPTError(f"pretrain-backbone: device '{device}' was asked for, but CUDA is not available")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise IVPTError(f"pretrain-backbone: unknown device '{device}' (expected auto, cpu or cuda[:N])") from exc
+
+
+def _command(out: Path, recipe: PretrainRecipe) -> str:
+    """The ``ivpt pretrain-backbone`` line that reproduces ``recipe`` (non-default options only)."""
+    parts = ["ivpt", "pretrain-backbone", "--out", shlex.quote(out.name), "--seed", str(recipe.seed)]
+    parts += ["--epochs", str(recipe.epochs)]
+    default = PretrainRecipe()
+    for name in ("num_classes", "per_class", "test_per_class", "batch_size", "lr", "appearance"):
+        if getattr(recipe, name) != getattr(default, name):
+            parts += [f"--{name.replace('_', '-')}", str(getattr(recipe, name))]
+    return " ".join(parts)
+
+
 def pretrain_backbone(
     out: str | Path,
-    seed: int = 0,
-    epochs: int | None = None,
+    recipe: PretrainRecipe | None = None,
     *,
     data_dir: str | Path | None = None,
-    num_classes: int = PRETRAIN_CLASSES,
-    per_class: int = PRETRAIN_PER_CLASS,
-    batch_size: int = PRETRAIN_BATCH,
+    device: str = "auto",
+    workers: int = 1,
     diagnose: bool = True,
     progress: bool = True,
+    arch_args: dict[str, Any] | None = None,
+    max_minutes: float | None = None,
 ) -> Path:
     """Train ``ivpt_demo_vit`` on the ``"pretrain"`` synthetic family and save its backbone weights.
 
     Args:
         out: output ``.safetensors`` file (the shipped one is ``src/ivpt/assets/ivpt_demo_vit.safetensors``).
-        seed: seed of the images, the initialisation, the data order and the augmentation.
-        epochs: passes over the training images (default :data:`PRETRAIN_EPOCHS`).
-        data_dir: where the pretraining images are generated and kept for reuse (default: a temporary
-            folder deleted afterwards).
-        num_classes: classes of the pretraining task (at most 100, the family's attribute combinations).
-        per_class: images per class, half of them for training.
-        batch_size: training batch size.
+        recipe: what to train (default: the shipped file's :class:`PretrainRecipe`).
+        data_dir: a folder that keeps the drawn pretraining images for the next run (default: drawn anew).
+        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda[:N]``; bf16 autocast on a GPU.
+        workers: processes that draw the images.
         diagnose: score the trained features with :func:`feature_diagnostics` on demo-family images
-            generated for it, and store the result in the file's metadata.
+            drawn for it, and store the result in the file's metadata.
         progress: show progress bars and per-epoch lines.
+        arch_args: ``timm.create_model`` overrides of :data:`DEMO_VIT_ARGS` (to try other sizes; a file
+            trained with them loads only into a model built with the same ones).
+        max_minutes: stop after the first epoch that ends past this many minutes of training and save
+            the backbone as it is then (the learning rate has not decayed to zero; the file's recipe
+            records ``epochs_completed``). A guard for time-boxed machines, not part of a recipe.
 
     Returns:
         The path of the written file.
 
     Raises:
-        IVPTError: ``out`` does not end in ``.safetensors``, ``epochs`` is below 1, or the training split
-            is smaller than one batch.
+        IVPTError: ``out`` does not end in ``.safetensors``, a recipe value is out of range, the device is
+            unavailable, or the training split is smaller than one batch.
     """
     import timm
 
-    from ivpt.data import load_annotations
-    from ivpt.engine.rng import EpochSampler, SeededSamples, seed_everything
+    from ivpt.engine.rng import seed_everything
     from ivpt.engine.schedule import build_scheduler
 
+    recipe = recipe or PretrainRecipe()
     out = Path(out)
     if out.suffix != ".safetensors":
         raise IVPTError(f"pretrain-backbone: output '{out}' must be a .safetensors file")
-    epochs = PRETRAIN_EPOCHS if epochs is None else epochs
-    if epochs < 1:
-        raise IVPTError(f"pretrain-backbone: --epochs must be at least 1, got {epochs}")
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ivpt-pretrain-") as scratch:
-        root = Path(data_dir) if data_dir is not None else Path(scratch) / "data"
-        if progress:
-            print(f"pretrain-backbone: synthetic 'pretrain' family, {num_classes} classes x {per_class} images")
-        ensure_synthetic(
-            root,
-            num_classes=num_classes,
-            per_class=per_class,
-            size=int(DEMO_VIT_ARGS["img_size"]),
-            seed=seed + _DATA_SEED_OFFSET,
-            family="pretrain",
+    for name in ("epochs", "batch_size", "per_class", "test_per_class"):
+        value = getattr(recipe, name)
+        if value is not None and value < 1:
+            raise IVPTError(f"pretrain-backbone: --{name.replace('_', '-')} must be at least 1, got {value}")
+    if recipe.appearance not in APPEARANCE:
+        raise IVPTError(
+            f"pretrain-backbone: --appearance must be one of {', '.join(APPEARANCE)}, got {recipe.appearance!r}"
         )
-        cfg = Config()
-        cfg.data.dataset, cfg.data.root = "cub", str(root)
-        annotations = load_annotations(cfg.data)
-        train_set = _PretrainSamples(annotations, np.flatnonzero(annotations.is_train), flip=True)
-        test_set = _PretrainSamples(annotations, np.flatnonzero(~annotations.is_train), flip=False)
-        steps_per_epoch = len(train_set) // batch_size
-        if steps_per_epoch < 1:
-            raise IVPTError(
-                f"pretrain-backbone: {len(train_set)} training images are fewer than one batch of {batch_size}"
-            )
+    if recipe.test_per_class is not None and recipe.test_per_class >= recipe.per_class:
+        raise IVPTError(
+            f"pretrain-backbone: --test-per-class ({recipe.test_per_class}) must be below --per-class "
+            f"({recipe.per_class}): some images of each class must be left for training"
+        )
+    if recipe.lr <= 0:
+        raise IVPTError(f"pretrain-backbone: --lr must be positive, got {recipe.lr}")
+    target_device = _resolve_device(device)
+    started = time.perf_counter()
+    if progress:
+        print(
+            f"pretrain-backbone: drawing the synthetic 'pretrain' family, {recipe.num_classes} classes x "
+            f"{recipe.per_class} images ({workers} worker(s))",
+            flush=True,
+        )
+    data = _pretraining_images(recipe, None if data_dir is None else Path(data_dir), workers)
+    train_set = _DeviceImages(data, np.flatnonzero(data.is_train), target_device)
+    test_set = _DeviceImages(data, np.flatnonzero(~data.is_train), target_device)
+    steps_per_epoch = len(train_set) // recipe.batch_size
+    if steps_per_epoch < 1:
+        raise IVPTError(
+            f"pretrain-backbone: {len(train_set)} training images are fewer than one batch of {recipe.batch_size}"
+        )
 
-        seed_everything(seed)
-        backbone = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0)
-        targets, sizes = attribute_targets("pretrain", num_classes)
-        model = _PretrainModel(backbone, sizes, train_set.num_parts)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=PRETRAIN_WEIGHT_DECAY)
-        cfg.optim.scheduler = "cosine"
-        cfg.optim.warmup_epochs = PRETRAIN_WARMUP_EPOCHS
-        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, epochs)
-        sampler = EpochSampler(len(train_set), seed)
-        loader = DataLoader(SeededSamples(train_set, seed), batch_size=batch_size, sampler=sampler, drop_last=True)
+    seed_everything(recipe.seed)
+    backbone = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0, **(arch_args or {}))
+    targets, sizes = attribute_targets("pretrain", recipe.num_classes)
+    model = _PretrainModel(backbone, sizes, int(data.part_ids.max()), recipe.appearance).to(target_device)
+    targets = targets.to(target_device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=WEIGHT_DECAY)
+    schedule = OptimConfig(scheduler="cosine", warmup_epochs=WARMUP_EPOCHS)
+    scheduler = build_scheduler(optimizer, schedule, steps_per_epoch, recipe.epochs)
+    use_bf16 = target_device.type == "cuda"
+    epoch_started = time.perf_counter()
 
-        for epoch in range(epochs):
-            sampler.set_epoch(epoch)
-            model.train()
-            sums: dict[str, float] = {}
-            for batch in tqdm(loader, desc=f"pretrain {epoch + 1}/{epochs}", disable=not progress, leave=False):
+    epochs_completed = 0
+    for epoch in range(recipe.epochs):
+        order, flips = epoch_order(len(train_set), recipe.seed, epoch)
+        model.train()
+        sums = torch.zeros(4, device=target_device)
+        for step in tqdm(
+            range(steps_per_epoch), desc=f"pretrain {epoch + 1}/{recipe.epochs}", disable=not progress, leave=False
+        ):
+            rows = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
+            batch = train_set.batch(order[rows], flips[rows])
+            with torch.autocast(target_device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 terms = _losses(model, batch, targets)
-                optimizer.zero_grad(set_to_none=True)
-                sum(terms.values()).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), PRETRAIN_GRAD_CLIP)
-                optimizer.step()
-                scheduler.step()
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+            optimizer.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack([value.detach() for value in terms.values()])
+        if progress:
+            averages = (sums / steps_per_epoch).tolist()
+            means = " ".join(f"{name} {value:.3f}" for name, value in zip(terms, averages, strict=True))
+            rate = (epoch + 1) * steps_per_epoch * recipe.batch_size / (time.perf_counter() - epoch_started)
+            print(f"pretrain-backbone: epoch {epoch + 1}/{recipe.epochs} {means} ({rate:.0f} img/s)", flush=True)
+        epochs_completed = epoch + 1
+        out_of_time = max_minutes is not None and time.perf_counter() - epoch_started > 60.0 * max_minutes
+        if out_of_time and epochs_completed < recipe.epochs:
             if progress:
-                means = " ".join(f"{name} {value / steps_per_epoch:.3f}" for name, value in sums.items())
-                print(f"pretrain-backbone: epoch {epoch + 1}/{epochs} {means}", flush=True)
-        accuracy = _test_accuracy(model, DataLoader(test_set, batch_size=256), targets)
+                print(f"pretrain-backbone: --max-minutes {max_minutes} passed after epoch {epochs_completed}; saving")
+            break
+    accuracy = _test_accuracy(model, test_set, targets, batch_size=max(recipe.batch_size, 256))
 
-        diagnostics: dict[str, Any] = {}
-        if diagnose:
-            demo_root, _ = ensure_synthetic(
-                Path(scratch) / "diagnostics",
-                num_classes=_DIAGNOSTIC_CLASSES,
-                per_class=_DIAGNOSTIC_PER_CLASS,
-                size=int(DEMO_VIT_ARGS["img_size"]),
-                seed=seed + _DIAGNOSTIC_SEED_OFFSET,
-            )
-            diagnostics = feature_diagnostics(backbone, demo_root)
+    diagnostics: dict[str, Any] = {}
+    if diagnose:
+        demo_images = render_synthetic(
+            num_classes=_DIAGNOSTIC_CLASSES,
+            per_class=_DIAGNOSTIC_PER_CLASS,
+            size=int(DEMO_VIT_ARGS["img_size"]),
+            seed=recipe.seed + _DIAGNOSTIC_SEED_OFFSET,
+        )
+        diagnostics = feature_diagnostics(backbone, demo_images, device=target_device)
 
-    recipe: dict[str, Any] = dict(
-        seed=seed,
-        epochs=epochs,
-        num_classes=num_classes,
-        per_class=per_class,
-        batch_size=batch_size,
-        lr=PRETRAIN_LR,
+    record: dict[str, Any] = dict(
+        asdict(recipe),
+        epochs_completed=epochs_completed,
         train_images=len(train_set),
         test_images=len(test_set),
         test_accuracy=round(accuracy, 2),
         diagnostics=diagnostics,
+        device=torch.cuda.get_device_name(target_device) if use_bf16 else "cpu",
+        precision="bf16" if use_bf16 else "fp32",
         minutes=round((time.perf_counter() - started) / 60.0, 1),
         threads=torch.get_num_threads(),
-        command=f"ivpt pretrain-backbone --out {shlex.quote(out.name)} --seed {seed} --epochs {epochs}",
+        command=_command(out, recipe),
     )
-    _save_backbone(backbone, out, recipe)
+    _save_backbone(backbone.cpu(), out, record, arch_args or {})
     if progress:
-        print(f"pretrain-backbone: test accuracy {accuracy:.2f}% on {len(test_set)} held-out images")
+        print(f"pretrain-backbone: held-out attribute accuracy {accuracy:.2f}% on {len(test_set)} images")
         if diagnostics:
             print(f"pretrain-backbone: demo-family diagnostics {json.dumps(diagnostics)}")
     return out
 
 
-def _save_backbone(backbone: nn.Module, out: Path, recipe: dict[str, Any]) -> None:
+def _save_backbone(backbone: nn.Module, out: Path, recipe: dict[str, Any], arch_args: dict[str, Any]) -> None:
     """Write the backbone (no classifier) atomically as a 0644 file, with ``recipe`` as JSON in its metadata."""
     tensors = {name: value.detach().contiguous() for name, value in backbone.state_dict().items()}
     tensors = {name: value for name, value in tensors.items() if not name.startswith("head.")}
     metadata = {
         "arch": DEMO_ARCH,
-        "arch_args": json.dumps({**DEMO_VIT_ARGS, "stem_channels": list(STEM_CHANNELS)}),
+        "arch_args": json.dumps({**DEMO_VIT_ARGS, **arch_args, "stem_channels": list(STEM_CHANNELS)}),
         "recipe": json.dumps(recipe),
     }
     # A shipped package file: readable by everyone, whatever the umask of the machine that trained it.
@@ -545,9 +690,11 @@ def weight_file_recipe(path: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "PRETRAIN_EPOCHS",
+    "PretrainRecipe",
     "appearance_targets",
     "feature_diagnostics",
     "part_cluster_nmi",
+    "part_pooled_features",
     "part_shares",
     "pretrain_backbone",
     "probe_accuracy",

@@ -140,13 +140,47 @@ METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 
-def demo_overrides(method: str, plan: DemoPlan, data_root: Path, run_dir: Path) -> list[str]:
+def backbone_file_overrides(path: str | Path) -> list[str]:
+    """Overrides that swap the shipped demo weights for another ``ivpt pretrain-backbone`` file.
+
+    The file's metadata records the architecture it was trained with; sizes that differ from the
+    registered ``ivpt_demo_vit`` become ``model.backbone_args``.
+
+    Raises:
+        IVPTError: the file does not exist or was not written by ``ivpt pretrain-backbone``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise IVPTError(f"demo: backbone file '{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise IVPTError(f"demo: backbone file '{path}' is not a safetensors file: {exc}") from None
+    if metadata.get("arch") != DEMO_ARCH or "arch_args" not in metadata:
+        raise IVPTError(
+            f"demo: backbone file '{path}' was not written by 'ivpt pretrain-backbone' (no {DEMO_ARCH} metadata)"
+        )
+    trained = json.loads(metadata["arch_args"])
+    changed = {key: value for key, value in trained.items() if key in DEMO_VIT_ARGS and value != DEMO_VIT_ARGS[key]}
+    overrides = [f"model.pretrained_file={path.resolve()}"]
+    if changed:
+        overrides.append("model.backbone_args={" + ", ".join(f"{k}: {v}" for k, v in sorted(changed.items())) + "}")
+    return overrides
+
+
+def demo_overrides(
+    method: str, plan: DemoPlan, data_root: Path, run_dir: Path, backbone_file: str | Path | None = None
+) -> list[str]:
     """The ``key=value`` overrides (of the default config) of one demo training run."""
     if method not in METHOD_OVERRIDES:
         raise IVPTError(f"demo: unknown method '{method}'; expected one of {', '.join(METHOD_OVERRIDES)}")
     n_pro = ",".join(str(k) for k in plan.n_pro)
     return [
         *COMMON_OVERRIDES,
+        *(backbone_file_overrides(backbone_file) if backbone_file is not None else []),
         *METHOD_OVERRIDES[method],
         f"model.n_pro=[{n_pro}]",
         f"data.root={data_root}",
@@ -157,9 +191,11 @@ def demo_overrides(method: str, plan: DemoPlan, data_root: Path, run_dir: Path) 
     ]
 
 
-def demo_config(method: str, plan: DemoPlan, data_root: Path, run_dir: Path) -> Config:
+def demo_config(
+    method: str, plan: DemoPlan, data_root: Path, run_dir: Path, backbone_file: str | Path | None = None
+) -> Config:
     """The resolved config of one demo training run."""
-    cfg = apply_overrides(Config(), demo_overrides(method, plan, data_root, run_dir))
+    cfg = apply_overrides(Config(), demo_overrides(method, plan, data_root, run_dir, backbone_file))
     validate(cfg)
     return cfg
 
@@ -231,7 +267,11 @@ class _Steps:
 
 
 def run_demo(
-    out_dir: str | Path = "runs/demo", fast: bool = False, *, methods: Sequence[str] = METHODS
+    out_dir: str | Path = "runs/demo",
+    fast: bool = False,
+    *,
+    methods: Sequence[str] = METHODS,
+    backbone_file: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the demo (see the module docstring) into ``out_dir``.
 
@@ -243,6 +283,7 @@ def run_demo(
         out_dir: output folder (created).
         fast: a much smaller run of the same steps, for smoke tests.
         methods: which of :data:`METHODS` to train and score (IVPT is always needed for the figures).
+        backbone_file: another ``ivpt pretrain-backbone`` weight file to use instead of the shipped one.
 
     Returns:
         ``results.json``'s content: method -> the :data:`TABLE_METRICS` (percent, ``None`` where the
@@ -262,7 +303,10 @@ def run_demo(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "ivpt" not in methods:
         raise IVPTError(f"demo: methods must include 'ivpt' and come from {', '.join(METHODS)}, got {list(methods)}")
-    require_weights()
+    if backbone_file is None:
+        require_weights()
+    else:
+        backbone_file_overrides(backbone_file)  # a bad file fails here, before any work
     plan = FAST_PLAN if fast else FULL_PLAN
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps(total=1 + 2 * len(methods) + 2)
@@ -281,7 +325,7 @@ def run_demo(
     checkpoints: dict[str, Path] = {}
     configs: dict[str, Config] = {}
     for method in methods:
-        cfg = demo_config(method, plan, data_root, out / "runs" / method)
+        cfg = demo_config(method, plan, data_root, out / "runs" / method, backbone_file)
         configs[method] = cfg
         summary = steps.run(f"train {method} (ivpt train -c {cfg.train.out_dir}/config.yaml)", train, cfg, None)
         checkpoints[method] = Path(summary["best_checkpoint"])
@@ -331,6 +375,7 @@ __all__ = [
     "METHOD_OVERRIDES",
     "TABLE_METRICS",
     "DemoPlan",
+    "backbone_file_overrides",
     "demo_config",
     "demo_overrides",
     "format_results",

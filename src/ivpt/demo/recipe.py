@@ -1,0 +1,41 @@
+"""The recipe of ``ivpt pretrain-backbone``, apart from the training code so that the CLI can show its defaults
+without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+PRETRAIN_CLASSES = 100
+# What the appearance targets describe per token (see ivpt.demo.pretrain.appearance_targets).
+APPEARANCE_STYLES = ("cell", "rich")
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """What :func:`ivpt.demo.pretrain.pretrain_backbone` trains; the defaults wrote the shipped file.
+
+    Attributes:
+        seed: seed of the images, the initialisation, the data order and the flips.
+        epochs: passes over the training images.
+        num_classes: classes of the pretraining task (at most 100, the family's attribute combinations).
+        per_class: images per class, ``test_per_class`` of them held out.
+        test_per_class: held-out images per class (for the reported attribute accuracy); ``None``: half.
+        batch_size: training batch size.
+        lr: peak AdamW learning rate.
+        appearance: ``"cell"`` (each token's colour per quarter cell, colour spread, horizontal and
+            vertical texture) or ``"rich"`` (colour per 4 x 4 sub-cell, and texture in four directions
+            at two distances).
+    """
+
+    seed: int = 0
+    epochs: int = 12
+    num_classes: int = PRETRAIN_CLASSES
+    per_class: int = 100
+    test_per_class: int | None = None
+    batch_size: int = 32
+    lr: float = 2e-3
+    appearance: Literal["cell", "rich"] = "cell"
+
+
+__all__ = ["APPEARANCE_STYLES", "PRETRAIN_CLASSES", "PretrainRecipe"]
