@@ -492,17 +492,6 @@ def _pretraining_images(recipe: PretrainRecipe, data_dir: Path | None, workers: 
     return data
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise IVPTError(f"pretrain-backbone: device '{device}' was asked for, but CUDA is not available")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise IVPTError(f"pretrain-backbone: unknown device '{device}' (expected auto, cpu or cuda[:N])") from exc
-
-
 def _command(out: Path, recipe: PretrainRecipe) -> str:
     """The ``ivpt pretrain-backbone`` line that reproduces ``recipe`` (non-default options only)."""
     parts = ["ivpt", "pretrain-backbone", "--out", shlex.quote(out.name), "--seed", str(recipe.seed)]
@@ -552,6 +541,7 @@ def pretrain_backbone(
     """
     import timm
 
+    from ivpt.engine.distributed import resolve_device
     from ivpt.engine.rng import seed_everything
     from ivpt.engine.schedule import build_scheduler
 
@@ -574,7 +564,7 @@ def pretrain_backbone(
         )
     if recipe.lr <= 0:
         raise IVPTError(f"pretrain-backbone: --lr must be positive, got {recipe.lr}")
-    target_device = _resolve_device(device)
+    target_device = resolve_device(device, setting="pretrain-backbone --device")
     started = time.perf_counter()
     if progress:
         print(

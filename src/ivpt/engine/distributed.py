@@ -42,8 +42,13 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, setting: str = "config key 'train.device'") -> torch.device:
     """``"auto"`` -> this rank's GPU when CUDA is available, else the CPU; other names are checked.
+
+    Args:
+        name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        local_rank: the GPU ``cuda`` means.
+        setting: where ``name`` came from, for the error message.
 
     Raises:
         ConfigError: CUDA is asked for but not available, or the name is not a device.
@@ -53,12 +58,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(
-            f"config key 'train.device': '{name}' is not a device (use auto, cpu, cuda or cuda:N)"
-        ) from None
+        raise ConfigError(f"{setting}: '{name}' is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"config key 'train.device': '{name}' asked for, but CUDA is not available here")
+            raise ConfigError(f"{setting}: '{name}' asked for, but CUDA is not available here")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
