@@ -565,18 +565,18 @@ class SyntheticArrays:
     is_train: np.ndarray
 
 
-def _render_class(job: tuple[str, int, int, int, int, int, dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+def _render_class(job: tuple[str, int, int, int, int, dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """Images and part maps of one class (a worker task of :func:`render_synthetic`)."""
-    family, seed, size, label, first, count, attributes = job
+    family, seed, size, label, count, attributes = job
     images = np.empty((count, size, size, 3), dtype=np.uint8)
     part_ids = np.empty((count, size, size), dtype=np.uint8)
-    for row, k in enumerate(range(first, first + count)):
+    for k in range(count):
         drawn = _draw_sample(size, FAMILIES[family], attributes, _image_rng(seed, family, label, k))
         # The same JPEG encoding as make_synthetic's files, so both give the same pixels.
         encoded = io.BytesIO()
         drawn.image.save(encoded, format="JPEG", quality=_JPEG_QUALITY)
-        images[row] = np.asarray(Image.open(encoded).convert("RGB"))
-        part_ids[row] = drawn.part_map
+        images[k] = np.asarray(Image.open(encoded).convert("RGB"))
+        part_ids[k] = drawn.part_map
     return images, part_ids
 
 
@@ -611,7 +611,7 @@ def render_synthetic(
     if not 1 <= tests < per_class:
         raise DataError(f"test_per_class must be between 1 and {per_class - 1} (per_class - 1), got {tests}")
     classes = class_definitions(family, num_classes)
-    jobs = [(family, seed, size, label, 0, per_class, attributes) for label, (_, attributes) in enumerate(classes)]
+    jobs = [(family, seed, size, label, per_class, attributes) for label, (_, attributes) in enumerate(classes)]
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor

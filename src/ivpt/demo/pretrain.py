@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,6 @@ _DATA_SEED_OFFSET = 1000
 _DIAGNOSTIC_SEED_OFFSET = 2000
 _DIAGNOSTIC_CLASSES = 10
 _DIAGNOSTIC_PER_CLASS = 60
-
-
-PRETRAIN_EPOCHS = PretrainRecipe.epochs
 
 
 def attribute_targets(family: str, num_classes: int) -> tuple[Tensor, tuple[int, ...]]:
@@ -234,6 +232,11 @@ class _DeviceImages:
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
             part_ids = torch.where(flip.view(-1, 1, 1), part_ids.flip(-1), part_ids)
         return {"image": (images - self.mean) / self.std, "label": self.labels[index], "part_ids": part_ids}
+
+    def in_order(self, batch_size: int) -> Iterator[dict[str, Tensor]]:
+        """Every image once, in order, unflipped, as :meth:`batch` gives them ``batch_size`` at a time."""
+        for first in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(first, min(first + batch_size, len(self))))
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
@@ -357,8 +360,7 @@ def _test_accuracy(model: _PretrainModel, images: _DeviceImages, targets: Tensor
     """Held-out share (%) of images whose three CLS attribute predictions are all right."""
     model.eval()
     correct = 0
-    for first in range(0, len(images), batch_size):
-        batch = images.batch(torch.arange(first, min(first + batch_size, len(images))))
+    for batch in images.in_order(batch_size):
         cls_logits, _, _ = model(batch["image"])
         predicted = torch.stack([logits.argmax(dim=1) for logits in cls_logits], dim=1)  # (B, A)
         correct += int((predicted == targets[batch["label"]]).all(dim=1).sum())
@@ -447,8 +449,7 @@ def feature_diagnostics(
     start = backbone.num_prefix_tokens
     per_depth: list[list[Tensor]] = []
     shares = []
-    for first in range(0, len(images), batch_size):
-        batch = images.batch(torch.arange(first, min(first + batch_size, len(images))))
+    for batch in images.in_order(batch_size):
         depths = normalised_depths(backbone, batch["image"])
         per_depth = per_depth or [[] for _ in depths]
         for store, sequence in zip(per_depth, depths, strict=True):
@@ -494,12 +495,13 @@ def _pretraining_images(recipe: PretrainRecipe, data_dir: Path | None, workers: 
 
 def _command(out: Path, recipe: PretrainRecipe) -> str:
     """The ``ivpt pretrain-backbone`` line that reproduces ``recipe`` (non-default options only)."""
-    parts = ["ivpt", "pretrain-backbone", "--out", shlex.quote(out.name), "--seed", str(recipe.seed)]
-    parts += ["--epochs", str(recipe.epochs)]
+    parts = ["ivpt", "pretrain-backbone", "--out", shlex.quote(out.name)]
     default = PretrainRecipe()
-    for name in ("num_classes", "per_class", "test_per_class", "batch_size", "lr", "appearance"):
-        if getattr(recipe, name) != getattr(default, name):
-            parts += [f"--{name.replace('_', '-')}", str(getattr(recipe, name))]
+    for field in fields(PretrainRecipe):
+        value = getattr(recipe, field.name)
+        # The seed and the epochs are always written: they are what one changes to get another file.
+        if field.name in ("seed", "epochs") or value != getattr(default, field.name):
+            parts += [f"--{field.name.replace('_', '-')}", str(value)]
     return " ".join(parts)
 
 
@@ -679,7 +681,6 @@ def weight_file_recipe(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "PRETRAIN_EPOCHS",
     "PretrainRecipe",
     "appearance_targets",
     "feature_diagnostics",
