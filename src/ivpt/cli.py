@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Train the small demo ViT on separate synthetic data (reproduces the shipped weights).",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
-    from ivpt.demo.recipe import APPEARANCE_STYLES, PretrainRecipe
+    from ivpt.demo.recipe import APPEARANCE_STYLES, TOKEN_STRIDES, PretrainRecipe
 
     default = PretrainRecipe()
     recipe_options: dict[str, tuple[type, str]] = {
@@ -284,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=APPEARANCE_STYLES,
         default=default.appearance,
         help=f"what the per-token appearance targets describe (default {default.appearance})",
+    )
+    p.add_argument(
+        "--token-stride",
+        type=int,
+        default=default.token_stride,
+        help=f"pixels per token side, one of {', '.join(map(str, TOKEN_STRIDES))}: 8 gives an 8 x 8 token grid at "
+        f"64 px, 4 a 16 x 16 one (default {default.token_stride})",
     )
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda[:N]")
     p.add_argument("--workers", type=int, default=1, help="processes that draw the images (default 1)")

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 import ivpt.demo.backbone as demo_backbone
-from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS, TOKEN_STRIDE, WEIGHTS_FILE
-from ivpt.demo.pretrain import weight_file_recipe
+from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS, TOKEN_STRIDE, WEIGHTS_FILE, stem_strides
+from ivpt.demo.pretrain import token_stride, weight_file_recipe
+from ivpt.demo.recipe import PretrainRecipe
 from ivpt.errors import IVPTError
 
 MAX_WEIGHTS_BYTES = 10 * 1024 * 1024
@@ -58,6 +59,29 @@ def test_stem_gives_one_token_per_8px_cell_without_running_statistics() -> None:
     near[..., 4, 21] = 5.0
     torch.testing.assert_close(model.patch_embed(far)[0, 0], base)
     assert not torch.allclose(model.patch_embed(near)[0, 0], base)
+
+
+@pytest.mark.parametrize(("stride", "grid"), [(8, 8), (4, 16), (2, 32)])
+def test_token_stride_changes_the_grid_not_the_weights(stride: int, grid: int) -> None:
+    model = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0, token_stride=stride)
+    assert tuple(model.patch_embed.grid_size) == (grid, grid) and token_stride(model) == stride
+    assert model.forward_features(torch.zeros(1, 3, 64, 64)).shape == (1, 1 + grid * grid, DEMO_VIT_ARGS["embed_dim"])
+    # Only the position embedding depends on the grid: a file trained at one stride loads at another.
+    reference = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0).state_dict()
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    assert {name for name in shapes if shapes[name] != tuple(reference[name].shape)} == (
+        set() if stride == TOKEN_STRIDE else {"pos_embed"}
+    )
+    assert stem_strides(stride).count(2) == {8: 3, 4: 2, 2: 1}[stride]
+    loaded = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=0, token_stride=stride)
+    assert loaded.pos_embed.shape == (1, 1 + grid * grid, DEMO_VIT_ARGS["embed_dim"])
+
+
+def test_default_token_stride_is_the_shipped_one_and_others_are_rejected() -> None:
+    assert PretrainRecipe().token_stride == TOKEN_STRIDE == 8
+    assert stem_strides() == demo_backbone.STEM_STRIDES
+    with pytest.raises(IVPTError, match="ivpt_demo_vit: token_stride must be one of 2, 4, 8, got 3"):
+        timm.create_model(DEMO_ARCH, pretrained=False, token_stride=3)
 
 
 def test_pretrained_loads_exactly_the_shipped_tensors() -> None:

@@ -21,6 +21,7 @@ from ivpt.demo.pretrain import (
     _DeviceImages,
     appearance_targets,
     attribute_targets,
+    part_centroid_nmi,
     part_cluster_nmi,
     part_pooled_features,
     part_shares,
@@ -112,6 +113,38 @@ def test_wider_backbone_records_its_size_and_the_demo_builds_it(tmp_path: Path) 
     assert torch.equal(model.backbone.pos_embed.detach(), load_file(str(path))["pos_embed"])
 
 
+def test_token_stride_4_backbone_records_it_and_the_demo_builds_its_16x16_grid(tmp_path: Path) -> None:
+    from ivpt.demo.run import FAST_PLAN, backbone_file_overrides, demo_config
+    from ivpt.model import build_model
+
+    recipe = PretrainRecipe(**{**TINY.__dict__, "token_stride": 4})
+    path = pretrain_backbone(tmp_path / "fine.safetensors", recipe, device="cpu", diagnose=False, progress=False)
+    written = weight_file_recipe(path)
+    assert written["token_stride"] == 4 and written["command"].endswith("--batch-size 4 --token-stride 4")
+    assert backbone_file_overrides(path) == [
+        f"model.pretrained_file={path.resolve()}",
+        "model.backbone_args={token_stride: 4}",
+    ]
+    cfg = demo_config("ivpt", FAST_PLAN, tmp_path / "data", tmp_path / "run", backbone_file=path)
+    model = build_model(cfg, num_classes=3)
+    assert tuple(model.backbone.patch_embed.grid_size) == (16, 16)
+    tensors = load_file(str(path))
+    assert tensors["pos_embed"].shape == (1, 1 + 16 * 16, 96)
+    assert torch.equal(model.backbone.pos_embed.detach(), tensors["pos_embed"])
+
+
+def test_files_from_before_the_token_stride_option_load_at_the_default_stride(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ivpt.demo.backbone import DEMO_VIT_ARGS
+    from ivpt.demo.run import backbone_file_overrides
+
+    older = tmp_path / "older.safetensors"
+    metadata = {"arch": DEMO_ARCH, "arch_args": json.dumps({**DEMO_VIT_ARGS, "stem_channels": [24]}), "recipe": "{}"}
+    save_file({"x": torch.zeros(1)}, str(older), metadata=metadata)
+    assert backbone_file_overrides(older) == [f"model.pretrained_file={older.resolve()}"]
+
+
 def test_demo_rejects_backbone_files_it_cannot_use(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -138,6 +171,10 @@ def test_pretrain_rejects_bad_arguments(tmp_path: Path) -> None:
         pretrain_backbone(tmp_path / "w.safetensors", PretrainRecipe(per_class=8, test_per_class=8))
     with pytest.raises(IVPTError, match="--lr must be positive, got 0.0"):
         pretrain_backbone(tmp_path / "w.safetensors", PretrainRecipe(lr=0.0))
+    with pytest.raises(IVPTError, match="--token-stride must be one of 2, 4, 8, got 16"):
+        pretrain_backbone(tmp_path / "w.safetensors", PretrainRecipe(token_stride=16))
+    with pytest.raises(IVPTError, match=r"set the token stride in the recipe \(--token-stride\), not in arch_args"):
+        pretrain_backbone(tmp_path / "w.safetensors", TINY, arch_args={"token_stride": 4})
     with pytest.raises(IVPTError, match="pretrain-backbone --device: 'tpu' is not a device"):
         pretrain_backbone(tmp_path / "w.safetensors", TINY, device="tpu")
     if not torch.cuda.is_available():
@@ -158,6 +195,7 @@ def test_pretrain_rejects_bad_arguments(tmp_path: Path) -> None:
         (["--per-class", "4", "--test-per-class", "4"], r"--test-per-class \(4\) must be below --per-class \(4\)"),
         (["--lr", "0"], "--lr must be positive, got 0.0"),
         (["--device", "tpu"], "--device: 'tpu' is not a device"),
+        (["--token-stride", "3"], "--token-stride must be one of 2, 4, 8, got 3"),
     ],
 )
 def test_cli_hands_each_option_to_the_recipe(
@@ -277,6 +315,42 @@ def test_part_cluster_nmi_is_100_for_features_that_name_the_part_and_low_for_noi
     assert part_cluster_nmi(noise, shares, num_clusters=4) < 10.0
     with pytest.raises(IVPTError, match="2 foreground tokens are fewer than 4 clusters"):
         part_cluster_nmi(noise[:1, :2], shares[:1, 4:6], num_clusters=4)
+
+
+def test_part_centroid_nmi_scores_nearest_part_means_on_held_out_images() -> None:
+    generator = torch.Generator().manual_seed(1)
+    parts = torch.randint(0, 4, (20, 12), generator=generator)  # 0 is background
+    shares = torch.nn.functional.one_hot(parts, 4).float()
+    is_train = torch.arange(20) < 10
+    # Each part sits at its own point, with a little noise: its train mean is nearest to all of its tokens.
+    centres = torch.eye(4) * 5.0
+    features = centres[parts] + 0.1 * torch.randn(20, 12, 4, generator=generator)
+    assert part_centroid_nmi(features, shares, is_train) == pytest.approx(100.0)
+    # Parts 2 and 3 at the same point: ties go to one of them, and half the information is gone.
+    merged = centres[parts.clamp(max=2)]
+    assert 40.0 < part_centroid_nmi(merged, shares, is_train) < 80.0
+    noise = torch.randn(20, 12, 4, generator=generator)
+    assert part_centroid_nmi(noise, shares, is_train) < 15.0
+    only_background = torch.nn.functional.one_hot(torch.zeros(20, 12, dtype=torch.long), 4).float()
+    with pytest.raises(IVPTError, match="the test images have no foreground tokens"):
+        part_centroid_nmi(features, only_background, is_train)
+
+
+@pytest.mark.parametrize("stride", [8, 4])
+def test_feature_diagnostics_score_every_block_on_the_backbones_own_grid(stride: int) -> None:
+    from ivpt.demo.pretrain import feature_diagnostics
+
+    data = render_synthetic(num_classes=3, per_class=6, size=64, seed=2)
+    torch.manual_seed(0)
+    backbone = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0, token_stride=stride)
+    result = feature_diagnostics(backbone, data, batch_size=7)
+    depth = len(backbone.blocks)
+    assert len(result["part_nmi"]) == len(result["part_centroid_nmi"]) == depth
+    assert all(0.0 <= value <= 100.0 for value in result["part_nmi"] + result["part_centroid_nmi"])
+    shares = part_shares(torch.from_numpy(data.part_ids), int(data.part_ids.max()), stride, split=1)[:, :, 0]
+    expected = (shares[..., 0] < 0.5).sum(dim=1).float().mean().item()
+    assert result["foreground_tokens"] == pytest.approx(round(expected, 1))
+    assert 0.0 <= result["probe_accuracy"] <= 100.0 and 0.0 <= result["part_probe_accuracy"] <= 100.0
 
 
 def test_probe_accuracy_separates_separable_classes() -> None:

@@ -22,11 +22,16 @@ Importing this module registers the name; ``timm.create_model("ivpt_demo_vit", p
 img_size=96)`` then builds it with the shipped weights, the position embedding resampled by timm to the
 larger grid (the stem is convolutional and takes any size). ``pretrained_cfg_overlay=dict(file=...)``
 (what ``model.pretrained_file`` sets) loads another weight file of the same shape instead.
+
+``token_stride=4`` (``model.backbone_args={token_stride: 4}``) builds the same network with the stem's
+last stride removed: a 16 x 16 token grid at 64 px, for weights trained that way by
+``ivpt pretrain-backbone --token-stride 4``.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
 from torch import nn
 
+from ivpt.demo.recipe import TOKEN_STRIDES
 from ivpt.errors import IVPTError
 
 DEMO_ARCH = "ivpt_demo_vit"
@@ -56,22 +62,41 @@ DEMO_VIT_ARGS: dict[str, Any] = dict(
 # Output channels and strides of the stem's 3 x 3 convolutions: three resolutions, two convolutions each.
 STEM_CHANNELS: tuple[int, ...] = (24, 24, 48, 48, 96, 96)
 STEM_STRIDES: tuple[int, ...] = (2, 1, 2, 1, 2, 1)
-# Pixels per token along each side (the stem's total stride).
+# Pixels per token along each side (the stem's total stride) of the shipped weights.
 TOKEN_STRIDE = math.prod(STEM_STRIDES)
 
 
-def conv_stem_embed(**embed_args: Any) -> HybridEmbed:
+def stem_strides(token_stride: int = TOKEN_STRIDE) -> tuple[int, ...]:
+    """Strides of the stem's convolutions for one token per ``token_stride`` x ``token_stride`` pixel cell.
+
+    The channels and kernels stay those of :data:`STEM_CHANNELS`, so weights trained at one token stride
+    load at another (only the position embedding is resampled to the new grid).
+
+    Raises:
+        IVPTError: ``token_stride`` is not one of :data:`TOKEN_STRIDES`.
+    """
+    if token_stride not in TOKEN_STRIDES:
+        raise IVPTError(
+            f"{DEMO_ARCH}: token_stride must be one of {', '.join(map(str, TOKEN_STRIDES))}, got {token_stride!r}"
+        )
+    halvings = int(math.log2(token_stride))
+    # The first convolution of each resolution strides; resolutions past the halvings keep the size.
+    return tuple(2 if index % 2 == 0 and index // 2 < halvings else 1 for index in range(len(STEM_CHANNELS)))
+
+
+def conv_stem_embed(token_stride: int = TOKEN_STRIDE, **embed_args: Any) -> HybridEmbed:
     """The ``embed_layer`` of the demo ViT: timm's ``ConvStem`` feeding a ``HybridEmbed`` projection.
 
     ``embed_args`` are what :class:`VisionTransformer` passes to its patch embedding (``img_size``,
-    ``patch_size``, ``in_chans``, ``embed_dim``...); each call builds a fresh stem.
+    ``patch_size``, ``in_chans``, ``embed_dim``...); each call builds a fresh stem whose tokens cover
+    ``token_stride`` x ``token_stride`` pixel cells.
     """
     stem = ConvStem(
         embed_args.get("in_chans", 3),
         depth=len(STEM_CHANNELS),
         channels=STEM_CHANNELS,
         kernel_size=3,
-        stride=STEM_STRIDES,
+        stride=stem_strides(token_stride),
         norm_layer=LayerNorm2d,
         act_layer=nn.GELU,
     )
@@ -114,16 +139,23 @@ def require_weights() -> Path:
 
 
 @register_model
-def ivpt_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def ivpt_demo_vit(pretrained: bool = False, token_stride: int = TOKEN_STRIDE, **kwargs: Any) -> VisionTransformer:
     """The demo ViT (see the module docstring); ``kwargs`` override :data:`DEMO_VIT_ARGS` and timm options.
 
+    Args:
+        pretrained: load the shipped weights (or ``pretrained_cfg_overlay=dict(file=...)``).
+        token_stride: pixels per token side, one of :data:`TOKEN_STRIDES` (the shipped weights were trained
+            at 8: an 8 x 8 grid at 64 px; 4 gives a 16 x 16 grid at four times the transformer's cost).
+
     Raises:
-        IVPTError: ``pretrained`` is set, no other file is given, and the shipped weight file is missing.
+        IVPTError: ``token_stride`` is not supported, or ``pretrained`` is set, no other file is given, and
+            the shipped weight file is missing.
     """
+    stem_strides(token_stride)  # a bad value fails here, not inside timm's model builder
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and "file" not in overlay:
         require_weights()
-    model_args = {**DEMO_VIT_ARGS, "embed_layer": conv_stem_embed, **kwargs}
+    model_args = {**DEMO_VIT_ARGS, "embed_layer": partial(conv_stem_embed, token_stride), **kwargs}
     return build_model_with_cfg(
         VisionTransformer,
         DEMO_ARCH,
@@ -139,8 +171,10 @@ __all__ = [
     "STEM_CHANNELS",
     "STEM_STRIDES",
     "TOKEN_STRIDE",
+    "TOKEN_STRIDES",
     "WEIGHTS_FILE",
     "conv_stem_embed",
     "ivpt_demo_vit",
     "require_weights",
+    "stem_strides",
 ]

@@ -20,10 +20,10 @@ Supervised signals, all from the pretraining family's own annotations and pixels
 
 - ``attributes``: the class's three attributes (5 breast patterns, 4 tail shapes, 5 tail colours), one
   softmax each, from the CLS token and from the mean patch token (label smoothing 0.1);
-- ``parts``: per token and per quarter of its 8 x 8 pixel cell, the share of each part and of the
-  background (soft-target cross-entropy from the generator's part masks). Foreground tokens weigh
-  ``1 + FOREGROUND_WEIGHT * foreground share``: background covers ~90 % of the tokens and would otherwise
-  teach mostly "background";
+- ``parts``: per token and per quarter of its pixel cell (8 x 8 px by default, see ``token_stride``), the
+  share of each part and of the background (soft-target cross-entropy from the generator's part masks).
+  Foreground tokens weigh ``1 + FOREGROUND_WEIGHT * foreground share``: background covers ~90 % of the
+  tokens and would otherwise teach mostly "background";
 - ``geometry``: the same token shares predicted as ``softmax_k(-||z - c_k||^2)`` with one learned centroid
   ``c_k`` per part and background, the very form of IVPT's concept maps (squared distance, no
   temperature). A linear head can read parts off features whose clusters mix; this term lays the
@@ -71,8 +71,8 @@ from tqdm import tqdm
 
 from ivpt.config import OptimConfig
 from ivpt.data.synthetic import SyntheticArrays, render_synthetic
-from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS, TOKEN_STRIDE
-from ivpt.demo.recipe import PretrainRecipe
+from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS
+from ivpt.demo.recipe import TOKEN_STRIDES, PretrainRecipe
 from ivpt.engine.checkpoint import write_atomically
 from ivpt.errors import IVPTError
 
@@ -262,6 +262,11 @@ def epoch_order(size: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
     return torch.tensor(order), torch.tensor(flips)
 
 
+def token_stride(backbone: nn.Module) -> int:
+    """Pixels per token side of a timm ViT (its input size over its token grid)."""
+    return int(backbone.patch_embed.img_size[-1]) // int(backbone.patch_embed.grid_size[-1])
+
+
 def normalised_depths(backbone: nn.Module, images: Tensor, first_block: int = 0) -> list[Tensor]:
     """Token sequences after blocks ``first_block..L-1``, each through the final norm (what IVPT's stages read).
 
@@ -294,6 +299,7 @@ class _PretrainModel(nn.Module):
     def __init__(self, backbone: nn.Module, sizes: tuple[int, ...], num_parts: int, appearance: str = "cell") -> None:
         super().__init__()
         self.backbone = backbone
+        self.token_stride = token_stride(backbone)
         self.sizes = sizes
         self.num_parts = num_parts
         self.appearance = appearance
@@ -331,9 +337,9 @@ def _losses(model: _PretrainModel, batch: dict[str, Tensor], targets: Tensor) ->
         for head in (cls_logits, patch_logits)
         for axis, logits in enumerate(head)
     )
-    shares = part_shares(batch["part_ids"], model.num_parts, TOKEN_STRIDE)  # (B, n, cells, P + 1)
+    shares = part_shares(batch["part_ids"], model.num_parts, model.token_stride)  # (B, n, cells, P + 1)
     weights = 1.0 + FOREGROUND_WEIGHT * (1.0 - shares[..., 0])  # (B, n, cells)
-    appearance = appearance_targets(images, TOKEN_STRIDE, model.appearance)
+    appearance = appearance_targets(images, model.token_stride, model.appearance)
     token_shares = shares.mean(dim=2)  # (B, n, P + 1)
     token_weights = weights.mean(dim=2)
     parts = images.new_zeros(())
@@ -392,6 +398,38 @@ def part_cluster_nmi(features: Tensor, shares: Tensor, num_clusters: int, seed: 
     return 100.0 * float(normalized_mutual_info_score(parts, clusters))
 
 
+def part_centroid_nmi(features: Tensor, shares: Tensor, is_train: Tensor) -> float:
+    """How well ideal prototypes split foreground tokens into parts: NMI x 100 with the majority part.
+
+    The prototypes are the mean token of each majority part (background included) over the training
+    images; every test token goes to the nearest one by squared distance, the form of IVPT's concept
+    maps without their spatial bias. An upper reference for the part discovery prototypes can reach on
+    these features.
+
+    Args:
+        features: ``(N, n, D)`` token features of N images.
+        shares: ``(N, n, P + 1)`` part shares under each token (column 0: background).
+        is_train: ``(N,)`` which images give the prototypes; the others are scored.
+
+    Returns:
+        NMI (sklearn, arithmetic normalisation) x 100 over the test tokens whose background share is below 0.5.
+    """
+    from sklearn.metrics import normalized_mutual_info_score
+
+    majority = shares.argmax(dim=-1)  # (N, n)
+    train, test = is_train.bool(), ~is_train.bool()
+    train_points, train_parts = features[train].flatten(0, 1).double(), majority[train].flatten()
+    present = torch.unique(train_parts)
+    prototypes = torch.stack([train_points[train_parts == part].mean(dim=0) for part in present])
+    foreground = (shares[test][..., 0] < 0.5).flatten()
+    test_points = features[test].flatten(0, 1).double()[foreground]
+    if len(test_points) == 0:
+        raise IVPTError("part_centroid_nmi: the test images have no foreground tokens")
+    nearest = present[torch.cdist(test_points, prototypes).argmin(dim=1)]
+    parts = majority[test].flatten()[foreground]
+    return 100.0 * float(normalized_mutual_info_score(parts.numpy(), nearest.numpy()))
+
+
 def probe_accuracy(features: Tensor, labels: Tensor, is_train: Tensor) -> float:
     """Test accuracy (%) of a logistic-regression probe fit on the training rows of ``features (N, D)``.
 
@@ -431,14 +469,17 @@ def feature_diagnostics(
     recipes.
 
     Args:
-        backbone: a timm ViT whose tokens form a :data:`TOKEN_STRIDE`-pixel grid.
+        backbone: the demo ViT (any :func:`token_stride`).
         data: a synthetic data set (:func:`ivpt.data.synthetic.render_synthetic`; any family).
         batch_size: images per forward.
         device: where the backbone runs.
 
     Returns:
-        ``part_nmi``: per block (0-based), :func:`part_cluster_nmi` of its normalised output with
-        ``P + 1`` clusters; ``probe_accuracy``: :func:`probe_accuracy` of the mean final patch token;
+        ``foreground_tokens``: tokens per image that are mostly part, not background (how much of a
+        creature the token grid sees); ``part_nmi``: per block (0-based), :func:`part_cluster_nmi` of its
+        normalised output with ``P + 1`` clusters; ``part_centroid_nmi``: per block,
+        :func:`part_centroid_nmi` (prototypes from the data set's training images, scored on its test
+        images); ``probe_accuracy``: :func:`probe_accuracy` of the mean final patch token;
         ``part_probe_accuracy``: the same probe on :func:`part_pooled_features` of the final tokens over
         the true parts.
     """
@@ -454,13 +495,15 @@ def feature_diagnostics(
         per_depth = per_depth or [[] for _ in depths]
         for store, sequence in zip(per_depth, depths, strict=True):
             store.append(sequence[:, start:].float().cpu())
-        shares.append(part_shares(batch["part_ids"], num_parts, TOKEN_STRIDE, split=1)[:, :, 0].cpu())
+        shares.append(part_shares(batch["part_ids"], num_parts, token_stride(backbone), split=1)[:, :, 0].cpu())
     backbone.train(was_training)
     part_share = torch.cat(shares)
     features = [torch.cat(store) for store in per_depth]
     labels, is_train = torch.from_numpy(data.labels), torch.from_numpy(data.is_train)
     return {
+        "foreground_tokens": round(float((part_share[..., 0] < 0.5).sum(dim=1).float().mean()), 1),
         "part_nmi": [round(part_cluster_nmi(f, part_share, num_parts + 1), 1) for f in features],
+        "part_centroid_nmi": [round(part_centroid_nmi(f, part_share, is_train), 1) for f in features],
         "probe_accuracy": round(probe_accuracy(features[-1].mean(dim=1), labels, is_train), 1),
         "part_probe_accuracy": round(
             probe_accuracy(part_pooled_features(features[-1], part_share), labels, is_train), 1
@@ -566,6 +609,13 @@ def pretrain_backbone(
         )
     if recipe.lr <= 0:
         raise IVPTError(f"pretrain-backbone: --lr must be positive, got {recipe.lr}")
+    if recipe.token_stride not in TOKEN_STRIDES:
+        raise IVPTError(
+            f"pretrain-backbone: --token-stride must be one of {', '.join(map(str, TOKEN_STRIDES))}, "
+            f"got {recipe.token_stride}"
+        )
+    if "token_stride" in (arch_args or {}):
+        raise IVPTError("pretrain-backbone: set the token stride in the recipe (--token-stride), not in arch_args")
     target_device = resolve_device(device, setting="pretrain-backbone --device")
     started = time.perf_counter()
     if progress:
@@ -584,7 +634,8 @@ def pretrain_backbone(
         )
 
     seed_everything(recipe.seed)
-    backbone = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0, **(arch_args or {}))
+    arch_args = {**(arch_args or {}), "token_stride": recipe.token_stride}
+    backbone = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0, **arch_args)
     targets, sizes = attribute_targets("pretrain", recipe.num_classes)
     model = _PretrainModel(backbone, sizes, int(data.part_ids.max()), recipe.appearance).to(target_device)
     targets = targets.to(target_device)
@@ -648,7 +699,7 @@ def pretrain_backbone(
         threads=torch.get_num_threads(),
         command=_command(out, recipe),
     )
-    _save_backbone(backbone.cpu(), out, record, arch_args or {})
+    _save_backbone(backbone.cpu(), out, record, arch_args)
     if progress:
         print(f"pretrain-backbone: held-out attribute accuracy {accuracy:.2f}% on {len(test_set)} images")
         if diagnostics:
@@ -684,10 +735,12 @@ __all__ = [
     "PretrainRecipe",
     "appearance_targets",
     "feature_diagnostics",
+    "part_centroid_nmi",
     "part_cluster_nmi",
     "part_pooled_features",
     "part_shares",
     "pretrain_backbone",
     "probe_accuracy",
+    "token_stride",
     "weight_file_recipe",
 ]

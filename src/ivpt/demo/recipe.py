@@ -9,6 +9,8 @@ from typing import Literal
 PRETRAIN_CLASSES = 100
 # What the appearance targets describe per token (see ivpt.demo.pretrain.appearance_targets).
 APPEARANCE_STYLES = ("cell", "rich")
+# Pixels per token side the demo ViT's stem can give: the first 1, 2 or 3 of its resolutions halve the image.
+TOKEN_STRIDES = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class PretrainRecipe:
         appearance: ``"cell"`` (each token's colour per quarter cell, colour spread, horizontal and
             vertical texture) or ``"rich"`` (colour per 4 x 4 sub-cell, and texture in four directions
             at two distances).
+        token_stride: pixels per token side of the trained ViT (8: an 8 x 8 grid at 64 px; 4: 16 x 16).
     """
 
     seed: int = 0
@@ -36,6 +39,7 @@ class PretrainRecipe:
     batch_size: int = 32
     lr: float = 2e-3
     appearance: Literal["cell", "rich"] = "cell"
+    token_stride: int = 8
 
 
-__all__ = ["APPEARANCE_STYLES", "PRETRAIN_CLASSES", "PretrainRecipe"]
+__all__ = ["APPEARANCE_STYLES", "PRETRAIN_CLASSES", "TOKEN_STRIDES", "PretrainRecipe"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ivpt.config import Config, apply_overrides, validate
-from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, require_weights
+from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, TOKEN_STRIDE, require_weights
 from ivpt.demo.data import ensure_synthetic
 from ivpt.errors import IVPTError
 
@@ -143,8 +143,8 @@ METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
 def backbone_file_overrides(path: str | Path) -> list[str]:
     """Overrides that swap the shipped demo weights for another ``ivpt pretrain-backbone`` file.
 
-    The file's metadata records the architecture it was trained with; sizes that differ from the
-    registered ``ivpt_demo_vit`` become ``model.backbone_args``.
+    The file's metadata records the architecture it was trained with; sizes (and a token stride) that
+    differ from the registered ``ivpt_demo_vit`` become ``model.backbone_args``.
 
     Raises:
         IVPTError: the file does not exist or was not written by ``ivpt pretrain-backbone``.
@@ -164,7 +164,9 @@ def backbone_file_overrides(path: str | Path) -> list[str]:
             f"demo: backbone file '{path}' was not written by 'ivpt pretrain-backbone' (no {DEMO_ARCH} metadata)"
         )
     trained = json.loads(metadata["arch_args"])
-    changed = {key: value for key, value in trained.items() if key in DEMO_VIT_ARGS and value != DEMO_VIT_ARGS[key]}
+    # Files written before the token stride was an option were all trained at the default one.
+    registered = {**DEMO_VIT_ARGS, "token_stride": TOKEN_STRIDE}
+    changed = {key: value for key, value in trained.items() if key in registered and value != registered[key]}
     overrides = [f"model.pretrained_file={path.resolve()}"]
     if changed:
         overrides.append("model.backbone_args={" + ", ".join(f"{k}: {v}" for k, v in sorted(changed.items())) + "}")
