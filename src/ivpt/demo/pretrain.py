@@ -374,6 +374,12 @@ def _test_accuracy(model: _PretrainModel, images: _DeviceImages, targets: Tensor
     return 100.0 * correct / max(len(images), 1)
 
 
+def _foreground(shares: Tensor) -> Tensor:
+    """``(..., P + 1)`` part shares -> ``(...)``: the tokens the part diagnostics count as creature (background
+    share below one half)."""
+    return shares[..., 0] < 0.5
+
+
 def part_cluster_nmi(features: Tensor, shares: Tensor, num_clusters: int, seed: int = 0) -> float:
     """How well k-means on foreground tokens recovers their parts: NMI x 100 with the majority part.
 
@@ -389,7 +395,7 @@ def part_cluster_nmi(features: Tensor, shares: Tensor, num_clusters: int, seed: 
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
-    foreground = shares[..., 0] < 0.5
+    foreground = _foreground(shares)
     points = features[foreground].double().numpy()
     parts = shares[foreground].argmax(dim=-1).numpy()
     if len(points) < num_clusters:
@@ -421,7 +427,7 @@ def part_centroid_nmi(features: Tensor, shares: Tensor, is_train: Tensor) -> flo
     train_points, train_parts = features[train].flatten(0, 1).double(), majority[train].flatten()
     present = torch.unique(train_parts)
     prototypes = torch.stack([train_points[train_parts == part].mean(dim=0) for part in present])
-    foreground = (shares[test][..., 0] < 0.5).flatten()
+    foreground = _foreground(shares[test]).flatten()
     test_points = features[test].flatten(0, 1).double()[foreground]
     if len(test_points) == 0:
         raise IVPTError("part_centroid_nmi: the test images have no foreground tokens")
@@ -488,6 +494,7 @@ def feature_diagnostics(
     was_training = backbone.training
     backbone.eval()
     start = backbone.num_prefix_tokens
+    stride = token_stride(backbone)
     per_depth: list[list[Tensor]] = []
     shares = []
     for batch in images.in_order(batch_size):
@@ -495,13 +502,13 @@ def feature_diagnostics(
         per_depth = per_depth or [[] for _ in depths]
         for store, sequence in zip(per_depth, depths, strict=True):
             store.append(sequence[:, start:].float().cpu())
-        shares.append(part_shares(batch["part_ids"], num_parts, token_stride(backbone), split=1)[:, :, 0].cpu())
+        shares.append(part_shares(batch["part_ids"], num_parts, stride, split=1)[:, :, 0].cpu())
     backbone.train(was_training)
     part_share = torch.cat(shares)
     features = [torch.cat(store) for store in per_depth]
     labels, is_train = torch.from_numpy(data.labels), torch.from_numpy(data.is_train)
     return {
-        "foreground_tokens": round(float((part_share[..., 0] < 0.5).sum(dim=1).float().mean()), 1),
+        "foreground_tokens": round(float(_foreground(part_share).sum(dim=1).float().mean()), 1),
         "part_nmi": [round(part_cluster_nmi(f, part_share, num_parts + 1), 1) for f in features],
         "part_centroid_nmi": [round(part_centroid_nmi(f, part_share, is_train), 1) for f in features],
         "probe_accuracy": round(probe_accuracy(features[-1].mean(dim=1), labels, is_train), 1),
