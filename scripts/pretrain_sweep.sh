@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Pretrain candidate demo backbones side by side on one GPU, then run `ivpt demo` on each (issue 7).
-# All use the "rich" appearance targets and 100 classes x 1000 images, 10 per class held out.
+# All use 100 classes x 1000 images, 10 per class held out.
 #
 #   OUT=/some/folder bash scripts/pretrain_sweep.sh         # on a CUDA machine, from the repository root
 #   SMOKE=1 OUT=/tmp/sweep bash scripts/pretrain_sweep.sh   # dry run on the CPU with tiny settings
 #
-# Candidates (name: timm size overrides, epochs, batch):
-#   w96_e30       the registered ivpt_demo_vit (width 96, 3 heads), 30 epochs, batch 512
-#   w128_e30      width 128, 4 heads, 30 epochs
-#   w96_e60       width 96, 60 epochs
-#   w96_b256_e30  width 96, 30 epochs of batch 256 (twice the steps)
+# Candidates (batch 512; the first sweep's four 8 px candidates with rich targets are in the README):
+#   s8_cell_e30   the shipped recipe (8 px tokens, cell targets) at this scale, 30 epochs
+#   s4_cell_e12   4 px tokens (a 16 x 16 grid at 64 px), cell targets, 12 epochs
+#   s4_rich_e12   4 px tokens, rich targets, 12 epochs
+#   s4_w128_e12   4 px tokens, cell targets, width 128 and 4 heads, 12 epochs
 # The pretraining images are drawn once (16 processes) and shared. A tiny model leaves a GPU mostly idle,
 # so the trainings run at the same time, each guarded by --max-minutes. Results: $OUT/<name>.safetensors,
 # $OUT/results.json (each candidate's demo table and pretraining diagnostics) and $OUT/sweep.log.
@@ -28,8 +28,8 @@ if [ "${SMOKE:-0}" = "1" ]; then
     PER_CLASS=20; TEST_PER_CLASS=10; CLASSES=10; EPOCHS_SHORT=1; EPOCHS_LONG=2; BATCH=32; MINUTES=0.5; TRAIN_TIMEOUT=300
     DEMO_FLAGS=(--fast); DEMO_TIMEOUT=300; WORKERS=2
 else
-    PER_CLASS=1000; TEST_PER_CLASS=10; CLASSES=100; EPOCHS_SHORT=30; EPOCHS_LONG=60; BATCH=512; MINUTES=4.0; TRAIN_TIMEOUT=290
-    DEMO_FLAGS=(); DEMO_TIMEOUT=140; WORKERS=16
+    PER_CLASS=1000; TEST_PER_CLASS=10; CLASSES=100; EPOCHS_SHORT=12; EPOCHS_LONG=30; BATCH=512; MINUTES=3.5; TRAIN_TIMEOUT=290
+    DEMO_FLAGS=(); DEMO_TIMEOUT=180; WORKERS=16
 fi
 export OMP_NUM_THREADS=4
 
@@ -42,19 +42,19 @@ export OMP_NUM_THREADS=4
     done
 } >> "$LOG" 2>&1
 
-NAMES=(w96_e30 w128_e30 w96_e60 w96_b256_e30)
+NAMES=(s8_cell_e30 s4_cell_e12 s4_rich_e12 s4_w128_e12)
 
-# train NAME EPOCHS BATCH ARCH_JSON: one candidate, its log in $WORK/NAME.log.
+# train NAME EPOCHS RECIPE_JSON ARCH_JSON: one candidate, its log in $WORK/NAME.log.
 train() {
-    local name=$1 epochs=$2 batch=$3 arch=$4
-    timeout "$TRAIN_TIMEOUT" "$PYTHON" - "$name" "$epochs" "$batch" "$arch" > "$WORK/$name.log" 2>&1 <<PY
+    local name=$1 epochs=$2 recipe=$3 arch=$4
+    timeout "$TRAIN_TIMEOUT" "$PYTHON" - "$name" "$epochs" "$recipe" "$arch" > "$WORK/$name.log" 2>&1 <<PY
 import importlib.util, json, sys
 from ivpt.demo.pretrain import pretrain_backbone
 from ivpt.demo.recipe import PretrainRecipe
 
-name, epochs, batch, arch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+name, epochs, options, arch = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
 recipe = PretrainRecipe(epochs=epochs, num_classes=$CLASSES, per_class=$PER_CLASS, test_per_class=$TEST_PER_CLASS,
-                        batch_size=batch, appearance="rich")
+                        batch_size=$BATCH, **options)
 pretrain_backbone("$OUT/" + name + ".safetensors", recipe, data_dir="$WORK/data", workers=$WORKERS,
                   progress=True, arch_args=arch, max_minutes=$MINUTES,
                   diagnose=importlib.util.find_spec("sklearn") is not None)
@@ -77,10 +77,10 @@ echo "data exit $? after $(( $(date +%s) - start )) s" >> "$LOG"
 
 # 2. The candidates at once.
 start=$(date +%s)
-train w96_e30 "$EPOCHS_SHORT" "$BATCH" '{}' &
-train w128_e30 "$EPOCHS_SHORT" "$BATCH" '{"embed_dim": 128, "num_heads": 4}' &
-train w96_e60 "$EPOCHS_LONG" "$BATCH" '{}' &
-train w96_b256_e30 "$EPOCHS_SHORT" "$(( BATCH / 2 ))" '{}' &
+train s8_cell_e30 "$EPOCHS_LONG" '{}' '{}' &
+train s4_cell_e12 "$EPOCHS_SHORT" '{"token_stride": 4}' '{}' &
+train s4_rich_e12 "$EPOCHS_SHORT" '{"token_stride": 4, "appearance": "rich"}' '{}' &
+train s4_w128_e12 "$EPOCHS_SHORT" '{"token_stride": 4}' '{"embed_dim": 128, "num_heads": 4}' &
 wait
 echo "training done after $(( $(date +%s) - start )) s" >> "$LOG"
 for name in "${NAMES[@]}"; do
