@@ -42,7 +42,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
 from torch import nn
 
-from ivpt.demo.recipe import TOKEN_STRIDES
+from ivpt.demo.recipe import TOKEN_STRIDES, PretrainRecipe
 from ivpt.errors import IVPTError
 
 DEMO_ARCH = "ivpt_demo_vit"
@@ -61,9 +61,9 @@ DEMO_VIT_ARGS: dict[str, Any] = dict(
 )
 # Output channels and strides of the stem's 3 x 3 convolutions: three resolutions, two convolutions each.
 STEM_CHANNELS: tuple[int, ...] = (24, 24, 48, 48, 96, 96)
-STEM_STRIDES: tuple[int, ...] = (2, 1, 2, 1, 2, 1)
-# Pixels per token along each side (the stem's total stride) of the shipped weights.
-TOKEN_STRIDE = math.prod(STEM_STRIDES)
+# Pixels per token along each side (the stem's total stride) of the shipped weights: that of the default
+# recipe, which trained them.
+TOKEN_STRIDE: int = PretrainRecipe().token_stride
 
 
 def stem_strides(token_stride: int = TOKEN_STRIDE) -> tuple[int, ...]:
@@ -82,6 +82,10 @@ def stem_strides(token_stride: int = TOKEN_STRIDE) -> tuple[int, ...]:
     halvings = int(math.log2(token_stride))
     # The first convolution of each resolution strides; resolutions past the halvings keep the size.
     return tuple(2 if index % 2 == 0 and index // 2 < halvings else 1 for index in range(len(STEM_CHANNELS)))
+
+
+# The stem's strides for the shipped weights.
+STEM_STRIDES: tuple[int, ...] = stem_strides(TOKEN_STRIDE)
 
 
 def conv_stem_embed(token_stride: int = TOKEN_STRIDE, **embed_args: Any) -> HybridEmbed:
