@@ -54,7 +54,7 @@ def test_metrics_json_has_every_key_and_every_stage(checkpoint: Path, capsys) ->
     for stage in written["per_stage"].values():
         assert set(stage) == set(STAGE_KEYS)
         assert all(isinstance(stage[key], float) for key in STAGE_KEYS)
-        assert all(0.0 <= stage[key] <= 100.0 for key in ("consistency", "stability", "nmi", "fg_iou"))
+        assert all(0.0 <= stage[key] <= 100.0 for key in ("consistency", "stability", "nmi", "fg_iou", "fg_missed"))
     # Default eval.stage = -3 is stage 0 of three; the headline part metrics are that stage's.
     assert written["stage"] == 0
     assert all(written[key] == written["per_stage"]["0"][key] for key in STAGE_KEYS)
@@ -142,7 +142,7 @@ def test_image_folders_have_no_part_metrics_and_say_why(tiny_config, tmp_path: P
     path = write_checkpoint(cfg, tmp_path / "folder.pt", num_classes=2)
     results = evaluate_checkpoint(path)
     assert isinstance(results["accuracy"], float) and isinstance(results["faithfulness"], float)
-    assert all(results[key] is None for key in ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou"))
+    assert all(results[key] is None for key in ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou", "fg_missed"))
     assert "consistency: the data set (folder) has no part keypoints" in results["notes"]
     assert "fg_iou: the data set has no segmentation masks (segmentations/)" in results["notes"]
     assert results["per_stage"] == {}

@@ -186,8 +186,9 @@ def test_foreground_iou_on_hand_masks() -> None:
     meter.update(maps[:1], masks[:1])
     meter.update(maps[1:], masks[1:, None])
     # Intersection: column 1 (4 px); union: columns 0-2 (12 px).
-    assert meter.compute()["fg_iou"] == pytest.approx(100 / 3)
-    assert (int(meter.intersection), int(meter.union), int(meter.pixels)) == (4, 12, 32)
+    # Of the 8 true foreground pixels (columns 1-2), the 4 in column 2 are predicted background.
+    assert meter.compute() == pytest.approx({"fg_iou": 100 / 3, "fg_missed": 50.0})
+    assert (int(meter.intersection), int(meter.union), int(meter.foreground), int(meter.pixels)) == (4, 12, 8, 32)
 
     upsampled = ForegroundIoUMeter()
     upsampled.update(maps[:1], F.interpolate(masks[:1, None], scale_factor=4, mode="nearest")[:, 0])
@@ -201,7 +202,26 @@ def test_foreground_iou_edge_cases() -> None:
     background_only = torch.zeros(1, 3, 2, 2)
     background_only[:, 2] = 1.0
     meter.update(background_only, torch.zeros(1, 2, 2))
-    assert meter.compute() == {"fg_iou": 100.0}
+    assert meter.compute() == {"fg_iou": 100.0, "fg_missed": 0.0}
     with pytest.raises(MetricError, match=r"masks: expected a \(1, H, W\) tensor, got shape \(2, 2, 2\)"):
         meter.update(background_only, torch.zeros(2, 2, 2))
-    assert meter.merge(meter.empty_like()).state_tensors()[2].item() == 4
+    assert meter.merge(meter.empty_like()).state_tensors()[-1].item() == 4  # pixels
+
+
+def test_fg_missed_tells_a_background_that_took_the_object_from_spilling_concepts() -> None:
+    masks = torch.zeros(1, 4, 4)
+    masks[0, 1:3, 1:3] = 1.0  # a 2 x 2 object in the middle
+    # The roles swapped: the background channel (last) covers the object, a concept covers the rest.
+    swapped = torch.zeros(1, 2, 4, 4)
+    swapped[0, 0] = 1.0 - masks[0]
+    swapped[0, 1] = masks[0]
+    # A concept that spills from the object over the whole image: a poor IoU, but nothing missed.
+    spilling = torch.zeros(1, 2, 4, 4)
+    spilling[0, 0] = 1.0
+    results = {}
+    for name, maps in (("swapped", swapped), ("spilling", spilling)):
+        meter = ForegroundIoUMeter()
+        meter.update(maps, masks)
+        results[name] = meter.compute()
+    assert results["swapped"] == pytest.approx({"fg_iou": 0.0, "fg_missed": 100.0})
+    assert results["spilling"] == pytest.approx({"fg_iou": 25.0, "fg_missed": 0.0})

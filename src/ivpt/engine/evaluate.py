@@ -8,7 +8,7 @@ What runs on which images:
 - ``accuracy`` (top-1, top-5, macro) and ``faithfulness`` on the evaluated split with the test transform;
 - ``part_discovery`` (NMI, ARI) and the test side of ``kpr`` on the same images; the regressors of
   ``kpr`` are fitted on ``train_full`` with the test transform;
-- ``fg_iou`` on the same images when the data set has segmentation masks;
+- ``fg_iou`` and ``fg_missed`` on the same images when the data set has segmentation masks;
 - ``consistency`` and ``stability`` on the images cropped to their bounding box; stability adds the
   clipped Gaussian noise of :func:`ivpt.metrics.add_stability_noise`.
 
@@ -42,7 +42,7 @@ from ivpt.engine.step import autocast_context
 from ivpt.errors import ConfigError, DataError
 
 METRIC_NAMES = ("accuracy", "consistency", "stability", "part_discovery", "kpr", "fg_iou", "faithfulness")
-STAGE_KEYS = ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou")
+STAGE_KEYS = ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou", "fg_missed")
 ACCURACY_KEYS = ("accuracy", "top5", "macro_accuracy")
 FAITHFULNESS_KEYS = ("faithfulness", "faithfulness_part_drop", "faithfulness_random_drop", "faithfulness_ratio")
 HEADLINE_KEYS = (*ACCURACY_KEYS, *STAGE_KEYS, *FAITHFULNESS_KEYS)
@@ -53,7 +53,7 @@ _KEYS_OF = {
     "stability": ("stability",),
     "part_discovery": ("nmi", "ari"),
     "kpr": ("kpr",),
-    "fg_iou": ("fg_iou",),
+    "fg_iou": ("fg_iou", "fg_missed"),
     "faithfulness": FAITHFULNESS_KEYS,
 }
 _KEYPOINT_METRICS = ("consistency", "stability", "part_discovery", "kpr")
@@ -221,7 +221,7 @@ class _Evaluation:
             if "kpr" in meters:
                 values["kpr"] = keypoint_regression_error(meters["kpr_train"][stage], meters["kpr"][stage])
             if "fg_iou" in meters:
-                values["fg_iou"] = meters["fg_iou"][stage].compute()["fg_iou"]
+                values.update(meters["fg_iou"][stage].compute())
 
         stage = None
         if stage_results:

@@ -34,7 +34,7 @@ Meters (constructor -> ``update`` arguments -> keys of ``compute()``):
 - :class:`PartDiscoveryMeter` ``()`` -> ``maps, keypoints, input_size`` -> ``part_nmi``, ``part_ari``.
 - :class:`KeypointRegressionMeter` ``(num_parts, num_keypoints)`` -> ``maps, keypoints, bbox, input_size``;
   one meter per split, then ``keypoint_regression_error(train_meter, test_meter) -> float`` (KPR, %).
-- :class:`ForegroundIoUMeter` ``()`` -> ``maps, masks (B, H, W)`` -> ``fg_iou``.
+- :class:`ForegroundIoUMeter` ``()`` -> ``maps, masks (B, H, W)`` -> ``fg_iou``, ``fg_missed``.
 - :class:`FaithfulnessMeter` ``()`` -> ``prob_orig, prob_part_removed, prob_random_removed`` (the three
   outputs of :func:`faithfulness_batch`) -> ``faithfulness``, ``faithfulness_part_drop``,
   ``faithfulness_random_drop``, ``faithfulness_ratio``.

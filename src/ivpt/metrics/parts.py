@@ -244,10 +244,16 @@ class ForegroundIoUMeter(CountMeter):
     ``sum(intersection) / sum(union)`` over all images (not a mean of per-image IoUs). When neither the
     prediction nor the masks contain any foreground pixel the two agree everywhere and the score is 100.
 
-    State: ``intersection ()``, ``union ()``, ``pixels ()`` counts.
+    ``fg_missed`` is the share (x100) of ground-truth foreground pixels whose argmax is the background
+    channel. It tells a background prototype that has taken the object (near 100) from foreground
+    concepts that spill into the background, which lowers ``fg_iou`` just as much; 0 when the masks
+    hold no foreground.
+
+    State: ``intersection ()``, ``union ()``, ``foreground ()`` (ground-truth foreground pixels) and
+    ``pixels ()`` counts.
     """
 
-    _state_names = ("intersection", "union", "pixels")
+    _state_names = ("intersection", "union", "foreground", "pixels")
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__(device)
@@ -256,6 +262,7 @@ class ForegroundIoUMeter(CountMeter):
     def reset(self) -> None:
         self.intersection = torch.zeros((), dtype=torch.long, device=self.device)
         self.union = torch.zeros_like(self.intersection)
+        self.foreground = torch.zeros_like(self.intersection)
         self.pixels = torch.zeros_like(self.intersection)
 
     @torch.no_grad()
@@ -271,10 +278,15 @@ class ForegroundIoUMeter(CountMeter):
         truth = masks.to(predicted.device) > 0.5
         self.intersection += (predicted & truth).sum().to(self.device)
         self.union += (predicted | truth).sum().to(self.device)
+        self.foreground += truth.sum().to(self.device)
         self.pixels += truth.numel()
 
     def compute(self) -> dict[str, float]:
         if int(self.pixels) == 0:
             raise MetricError("ForegroundIoUMeter: no masks were added before compute()")
-        union = int(self.union)
-        return {"fg_iou": 100.0 * int(self.intersection) / union if union else 100.0}
+        union, foreground = int(self.union), int(self.foreground)
+        missed = foreground - int(self.intersection)
+        return {
+            "fg_iou": 100.0 * int(self.intersection) / union if union else 100.0,
+            "fg_missed": 100.0 * missed / foreground if foreground else 0.0,
+        }
