@@ -246,8 +246,8 @@ class ForegroundIoUMeter(CountMeter):
 
     ``fg_missed`` is the share (x100) of ground-truth foreground pixels whose argmax is the background
     channel. It tells a background prototype that has taken the object (near 100) from foreground
-    concepts that spill into the background, which lowers ``fg_iou`` just as much; 0 when the masks
-    hold no foreground.
+    concepts that spill into the background (near 0), two failures that both give a low ``fg_iou``; 0
+    when the masks hold no foreground.
 
     State: ``intersection ()``, ``union ()``, ``foreground ()`` (ground-truth foreground pixels) and
     ``pixels ()`` counts.
