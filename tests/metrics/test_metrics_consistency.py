@@ -184,6 +184,26 @@ def test_peaks_that_move_far_are_unstable() -> None:
     assert far.compute() == {"stability": 0.0}
 
 
+def test_stability_reuses_the_consistency_meters_clean_hits_with_the_same_result() -> None:
+    generator = torch.Generator().manual_seed(9)
+    maps, keypoints = _grid_scene(generator, batch=6, concepts=3)
+    # Noise as large as the maps moves some peaks off their keypoints, not all.
+    noisy = maps + maps.amax() * torch.rand(maps.shape, generator=generator)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    clean_hits = ConsistencyMeter(2, 3, 3).update(maps, keypoints, labels, 64)
+    assert clean_hits.dtype == torch.bool and torch.equal(clean_hits, keypoint_hits(maps[:, :3], keypoints, 64))
+    computed, reused = StabilityMeter(3, 3), StabilityMeter(3, 3)
+    computed.update(maps, noisy, keypoints, 64)
+    reused.update(maps, noisy, keypoints, 64, clean_hits=clean_hits)
+    assert torch.equal(reused.stable, computed.stable) and 0 < int(computed.stable.sum()) < 18
+    # The hits are taken as given: hits of other maps change the score.
+    other = StabilityMeter(3, 3)
+    other.update(maps, noisy, keypoints, 64, clean_hits=~clean_hits)
+    assert not torch.equal(other.stable, computed.stable)
+    with pytest.raises(MetricError, match=r"clean_hits: expected shape \(6, 3, 3\) \(images, concepts, keypoints\)"):
+        StabilityMeter(3, 3).update(maps, noisy, keypoints, 64, clean_hits=clean_hits[:, :2])
+
+
 def test_stability_merge_and_state_roundtrip() -> None:
     generator = torch.Generator().manual_seed(7)
     maps, keypoints = _grid_scene(generator, batch=8, concepts=2)

@@ -349,13 +349,14 @@ class _Evaluation:
                 noisy_images = add_stability_noise(images, generator, std=ev.noise_std, clip=ev.noise_clip)
                 noisy = self._forward(noisy_images).concept_maps
             for stage, maps in enumerate(clean):
+                clean_hits = None
                 if "consistency" in meters:
-                    meters["consistency"][stage].update(
+                    clean_hits = meters["consistency"][stage].update(
                         maps.float(), batch["keypoints"], batch["label"].to(self.device), self.img_size
                     )
                 if noisy is not None:
                     meters["stability"][stage].update(
-                        maps.float(), noisy[stage].float(), batch["keypoints"], self.img_size
+                        maps.float(), noisy[stage].float(), batch["keypoints"], self.img_size, clean_hits=clean_hits
                     )
         return meters
 

@@ -185,7 +185,7 @@ class ConsistencyMeter(_HitMeter):
         self.images = torch.zeros(shape[0], dtype=torch.long, device=self.device)
 
     @torch.no_grad()
-    def update(self, maps: Tensor, keypoints: Tensor, labels: Tensor, input_size: int | Sequence[int]) -> None:
+    def update(self, maps: Tensor, keypoints: Tensor, labels: Tensor, input_size: int | Sequence[int]) -> Tensor:
         """Add a batch of bbox-cropped images.
 
         Args:
@@ -193,6 +193,11 @@ class ConsistencyMeter(_HitMeter):
             keypoints: ``(B, P, 3)`` in the model-input pixel frame.
             labels: ``(B,)`` class indices.
             input_size: model input size ``S`` or ``(H, W)``.
+
+        Returns:
+            ``(B, num_concepts, P)`` bool: the batch's keypoint hits, which a :class:`StabilityMeter` of
+            the same ``map_size`` and ``box_half_size`` can take as ``clean_hits`` instead of computing
+            them again (the upsampling behind them is most of the evaluation's cost).
         """
         hits = self._hits(maps, keypoints, input_size, "maps")
         check_labels(labels, maps.shape[0], self.num_classes)
@@ -201,6 +206,7 @@ class ConsistencyMeter(_HitMeter):
         self.hits.index_add_(0, labels, hits.long())
         self.visible.index_add_(0, labels, visible)
         self.images.index_add_(0, labels, torch.ones_like(labels))
+        return hits
 
     def frequencies(self) -> Tensor:
         """``(C, K, P)`` float64 hit frequency of each keypoint for each (class, concept) pair."""
@@ -248,15 +254,32 @@ class StabilityMeter(_HitMeter):
 
     @torch.no_grad()
     def update(
-        self, clean_maps: Tensor, noisy_maps: Tensor, keypoints: Tensor, input_size: int | Sequence[int]
+        self,
+        clean_maps: Tensor,
+        noisy_maps: Tensor,
+        keypoints: Tensor,
+        input_size: int | Sequence[int],
+        clean_hits: Tensor | None = None,
     ) -> None:
-        """Add a batch: maps ``(B, K, h, w)`` of the clean and the noisy images, keypoints ``(B, P, 3)``."""
+        """Add a batch: maps ``(B, K, h, w)`` of the clean and the noisy images, keypoints ``(B, P, 3)``.
+
+        ``clean_hits``: the ``(B, num_concepts, P)`` hits of ``clean_maps`` when they are already known
+        (what :meth:`ConsistencyMeter.update` returns for the same maps and geometry); computed otherwise.
+        """
         if clean_maps.shape != noisy_maps.shape:
             raise MetricError(
                 f"noisy_maps: expected the shape of clean_maps {tuple(clean_maps.shape)}, got {tuple(noisy_maps.shape)}"
             )
-        clean = self._hits(clean_maps, keypoints, input_size, "clean_maps")
         noisy = self._hits(noisy_maps, keypoints, input_size, "noisy_maps")
+        if clean_hits is None:
+            clean = self._hits(clean_maps, keypoints, input_size, "clean_maps")
+        elif clean_hits.shape != noisy.shape:
+            raise MetricError(
+                f"clean_hits: expected shape {tuple(noisy.shape)} (images, concepts, keypoints), "
+                f"got {tuple(clean_hits.shape)}"
+            )
+        else:
+            clean = clean_hits.to(self.device)
         self.stable += (clean == noisy).all(dim=2).long().sum(dim=0)
         self.images += clean_maps.shape[0]
 
