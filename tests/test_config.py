@@ -58,6 +58,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
         ("data.val_fraction=1.5", "'data.val_fraction': must be in [0, 1)"),
         ("train.batch_size=0", "'train.batch_size': must be >= 1"),
         ("epochs", "expected key=value"),
+        ("model.cache_features=true", "'model.cache_features': data.augment=paper draws a new random crop"),
     ],
 )
 def test_bad_overrides_name_the_key_and_allowed_values(override, message):

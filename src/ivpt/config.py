@@ -49,6 +49,9 @@ class ModelConfig:
     # Learned prompt tokens per layer for the VPT baselines.
     vpt_prompts: int = 10
     grad_checkpointing: bool = False
+    # linear_probe only: compute the frozen backbone's feature of each distinct input image once and reuse
+    # it (exact with data.augment flip or none, whose few views repeat every epoch).
+    cache_features: bool = False
 
 
 @dataclass
@@ -335,6 +338,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.img_size <= 0:
         raise ConfigError(f"config key 'model.img_size': must be positive, got {cfg.model.img_size}")
+    if cfg.model.cache_features and cfg.data.augment == "paper":
+        raise ConfigError(
+            "config key 'model.cache_features': data.augment=paper draws a new random crop of every image "
+            "each epoch, so no feature would be reused; use data.augment=flip or none"
+        )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction': must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.data.folder_train_ratio < 1.0:

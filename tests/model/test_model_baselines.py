@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ivpt.config import OptimConfig
+from ivpt.errors import ConfigError
 from ivpt.model import param_groups
 
 METHODS = ["vpt_shallow", "vpt_deep", "vpt_deep_proto", "last_layer_proto", "linear_probe"]
@@ -112,3 +113,48 @@ def test_zero_prompts_reduce_vpt_to_the_stock_backbone(make_model, images):
     assert model.prompt_tokens is None
     with torch.no_grad():
         torch.testing.assert_close(model(images).cls_feature, model.backbone.forward_features(images)[:, 0])
+
+
+def test_cached_linear_probe_runs_the_backbone_once_per_distinct_image(make_model):
+    plain = make_model(method="linear_probe").eval()
+    cached = make_model(method="linear_probe", cache_features=True).eval()
+    cached.load_state_dict(plain.state_dict())
+    assert "feature_cache" not in " ".join(cached.state_dict())
+    calls: list[int] = []
+    cached.backbone.patch_embed.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    first = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    second = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    # The same image twice in a batch is computed once.
+    batch = torch.cat([first, first[:1]])
+    out = cached(batch)
+    torch.testing.assert_close(out.logits, plain(batch).logits, rtol=1e-5, atol=1e-5)
+    assert calls == [3] and out.concept_maps == []
+    # Seen images are read from the cache; only the new one runs.
+    mixed = torch.cat([first[1:], second])
+    torch.testing.assert_close(cached(mixed).logits, plain(mixed).logits, rtol=1e-5, atol=1e-5)
+    assert calls == [3, 1] and len(cached.feature_cache) == 4
+    # A changed pixel is a new image.
+    changed = first[:1].clone()
+    changed[0, 0, 0, 0] += 1e-3
+    cached(changed)
+    assert calls == [3, 1, 1]
+
+
+def test_cached_linear_probe_trains_its_head_like_the_plain_one(make_model, images):
+    plain = make_model(method="linear_probe").train()
+    cached = make_model(method="linear_probe", cache_features=True).train()
+    cached.load_state_dict(plain.state_dict())
+    labels = torch.tensor([0, 6])
+    for model in (plain, cached):
+        for _ in range(2):  # the second step reads the cache
+            model.zero_grad()
+            F.cross_entropy(model(images).logits, labels).backward()
+    torch.testing.assert_close(cached.classifier.weight.grad, plain.classifier.weight.grad, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for n, p in cached.named_parameters() if not n.startswith("classifier"))
+
+
+def test_feature_cache_is_only_for_the_linear_probe(make_model):
+    with pytest.raises(ConfigError, match="model.cache_features': only a linear_probe can cache features"):
+        make_model(method="vpt_deep", cache_features=True)
+    with pytest.raises(ConfigError, match="model.cache_features': only a linear_probe can cache features"):
+        make_model(method="ivpt", cache_features=True)

@@ -25,6 +25,7 @@ would otherwise pull on the prompts, and VPT is trained with cross-entropy alone
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from typing import Literal
 
@@ -88,6 +89,11 @@ class PromptTunedViT(ViTModel):
         num_prototypes: K of the last-layer stage for ``head="parts"`` (background included).
         spatial_bias, pooling: as for IVPT, for ``head="parts"``.
         freeze, grad_checkpointing: as for IVPT.
+        cache_features: keep the CLS feature of every distinct image seen (keyed by a hash of its pixels)
+            and compute the backbone only for new ones. Needs a fully frozen backbone without prompts
+            (the linear probe): the feature then depends on the pixels alone. The cache lives in memory,
+            outside the state dict, and grows by one ``(D,)`` vector per distinct image; with flips as the
+            only augmentation, a linear probe computes the backbone twice per training image in all.
 
     Attributes:
         prompt_tokens: ``(L or 1, P, D)`` or ``None``; VPT's uniform init with bound
@@ -110,11 +116,19 @@ class PromptTunedViT(ViTModel):
         pooling: Literal["ifa", "soft"] = "ifa",
         freeze: str = "tokens",
         grad_checkpointing: bool = False,
+        cache_features: bool = False,
     ):
         super().__init__(backbone, num_classes, freeze, grad_checkpointing)
         self.method = method
         if num_prompts < 0:
             raise ConfigError(f"config key 'model.vpt_prompts': must be >= 0, got {num_prompts}")
+        if cache_features and (num_prompts or head != "cls" or freeze != "frozen"):
+            raise ConfigError(
+                "config key 'model.cache_features': needs a fully frozen backbone without prompts and a CLS "
+                f"head (a linear probe), got {num_prompts} prompts, head {head!r}, freeze {freeze!r}"
+            )
+        # Pixel hash -> (D,) CLS feature; None: every forward runs the backbone.
+        self.feature_cache: dict[bytes, Tensor] | None = {} if cache_features else None
         self.num_prompts = num_prompts
         self.deep = deep
         dim = self.embed_dim
@@ -161,7 +175,28 @@ class PromptTunedViT(ViTModel):
         :meth:`ivpt.model.ivpt.IVPT.forward_without_backbone_grad`): the equivariance view's pass."""
         return self._run(images, backbone_grad=False)
 
-    def _run(self, images: Tensor, backbone_grad: bool) -> IVPTOutput:
+    def _cached_class_features(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``(B, D)`` CLS features, the backbone run only on images not seen before."""
+        cache = self.feature_cache
+        assert cache is not None
+        pixels = images.detach().cpu().contiguous()
+        shape = str((pixels.dtype, tuple(pixels.shape[1:]))).encode()
+        keys = [hashlib.blake2b(shape + image.numpy().tobytes(), digest_size=16).digest() for image in pixels]
+        # Where each image the cache lacks first occurs (a batch may hold the same image twice).
+        new: dict[bytes, int] = {}
+        for index, key in enumerate(keys):
+            if key not in cache:
+                new.setdefault(key, index)
+        if new:
+            with torch.no_grad():
+                features = self._run(images[list(new.values())], backbone_grad=False, use_cache=False).cls_feature
+            cache.update(zip(new, features.detach(), strict=True))
+        return torch.stack([cache[key] for key in keys]).to(images.device)
+
+    def _run(self, images: Tensor, backbone_grad: bool, use_cache: bool = True) -> IVPTOutput:
+        if use_cache and self.feature_cache is not None:
+            cls_feature = self._cached_class_features(images)
+            return IVPTOutput(logits=self.classifier(cls_feature), concept_maps=[], cls_feature=cls_feature)
         with contextlib.nullcontext() if backbone_grad else torch.no_grad():
             tokens = self.embed(images)
             attention_maps: list[Tensor] = []

@@ -36,6 +36,7 @@ def create_model(
     freeze: Literal["tokens", "frozen", "full"] = "tokens",
     vpt_prompts: int = 10,
     grad_checkpointing: bool = False,
+    cache_features: bool = False,
 ) -> nn.Module:
     """Create IVPT or a baseline on an unmodified timm Vision Transformer.
 
@@ -66,6 +67,8 @@ def create_model(
             paper), ``"frozen"`` (no backbone parameter trains) or ``"full"``.
         vpt_prompts: learned prompt tokens per prompted block for the VPT baselines.
         grad_checkpointing: recompute block activations in backward (training only).
+        cache_features: ``"linear_probe"`` only: compute each distinct image's frozen CLS feature once and
+            reuse it (:class:`ivpt.model.baselines.PromptTunedViT`).
 
     Raises:
         ConfigError: an unknown method / arch / option value, or too few blocks for the stages.
@@ -73,6 +76,8 @@ def create_model(
     """
     if method not in METHODS:
         raise ConfigError(f"config key 'model.method': expected one of {', '.join(METHODS)}, got {method!r}")
+    if cache_features and method != "linear_probe":
+        raise ConfigError(f"config key 'model.cache_features': only a linear_probe can cache features, not {method!r}")
     n_pro = check_n_pro(n_pro)
     backbone = create_backbone(arch, img_size, pretrained, pretrained_file, backbone_args)
     common: dict[str, Any] = dict(freeze=freeze, grad_checkpointing=grad_checkpointing)
@@ -113,6 +118,7 @@ def create_model(
         num_prompts=0 if method == "linear_probe" else vpt_prompts,
         deep=method == "vpt_deep",
         head="cls",
+        cache_features=cache_features,
         **common,
     )
 
@@ -138,4 +144,5 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
         freeze=m.freeze,
         vpt_prompts=m.vpt_prompts,
         grad_checkpointing=m.grad_checkpointing,
+        cache_features=m.cache_features,
     )
