@@ -6,8 +6,8 @@
 #   SMOKE=1 OUT=/tmp/sweep bash scripts/pretrain_sweep.sh   # dry run on the CPU with tiny settings
 #
 # Candidates (batch 512; the first sweep's four 8 px candidates with rich targets are in the README):
-#   s8_cell_e30   the shipped recipe (8 px tokens, cell targets) at this scale, 30 epochs
-#   s4_cell_e12   4 px tokens (a 16 x 16 grid at 64 px), cell targets, 12 epochs
+#   s8_cell_e30   the first shipped recipe (8 px tokens, cell targets) at this scale, 30 epochs
+#   s4_cell_e12   the shipped recipe (4 px tokens: a 16 x 16 grid at 64 px, cell targets) at this scale, 12 epochs
 #   s4_rich_e12   4 px tokens, rich targets, 12 epochs
 #   s4_w128_e12   4 px tokens, cell targets, width 128 and 4 heads, 12 epochs
 # The pretraining images are drawn once (16 processes) and shared. A tiny model leaves a GPU mostly idle,
@@ -77,7 +77,7 @@ echo "data exit $? after $(( $(date +%s) - start )) s" >> "$LOG"
 
 # 2. The candidates at once.
 start=$(date +%s)
-train s8_cell_e30 "$EPOCHS_LONG" '{}' '{}' &
+train s8_cell_e30 "$EPOCHS_LONG" '{"token_stride": 8}' '{}' &
 train s4_cell_e12 "$EPOCHS_SHORT" '{"token_stride": 4}' '{}' &
 train s4_rich_e12 "$EPOCHS_SHORT" '{"token_stride": 4, "appearance": "rich"}' '{}' &
 train s4_w128_e12 "$EPOCHS_SHORT" '{"token_stride": 4}' '{"embed_dim": 128, "num_heads": 4}' &

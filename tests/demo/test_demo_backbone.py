@@ -37,26 +37,28 @@ def test_registered_model_is_a_stock_vit_with_the_documented_shape() -> None:
     assert timm.is_model(DEMO_ARCH)
     model = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0)
     assert type(model) is VisionTransformer
-    assert tuple(model.patch_embed.grid_size) == (8, 8)
+    assert tuple(model.patch_embed.grid_size) == (16, 16)
     assert model.embed_dim == DEMO_VIT_ARGS["embed_dim"]
     assert len(model.blocks) == DEMO_VIT_ARGS["depth"]
     assert model.blocks[0].attn.num_heads == DEMO_VIT_ARGS["num_heads"]
     tokens = model.forward_features(torch.zeros(2, 3, 64, 64))
-    assert tokens.shape == (2, 1 + 64, DEMO_VIT_ARGS["embed_dim"])
+    assert tokens.shape == (2, 1 + 256, DEMO_VIT_ARGS["embed_dim"])
 
 
-def test_stem_gives_one_token_per_8px_cell_without_running_statistics() -> None:
-    model = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0).eval()
-    assert TOKEN_STRIDE == 8 and len(STEM_CHANNELS) == 6
+# Pixels a token's window reaches on either side of its cell's first pixel: each 3 x 3 convolution widens
+# it by one pixel of its input's resolution, 1 + 2 + 2 + 4 + 4 + 4 at stride 4 and 1 + 2 + 2 + 4 + 4 + 8 at 8.
+@pytest.mark.parametrize(("stride", "reach"), [(4, 17), (8, 21)])
+def test_stem_token_window_and_no_running_statistics(stride: int, reach: int) -> None:
+    model = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0, token_stride=stride).eval()
+    assert len(STEM_CHANNELS) == 6
     # A frozen backbone must not change in training mode: no batch norm in the stem.
     assert not any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
-    # Each token sees a 43 x 43 px window, 21 px either side of its cell's first pixel: column 21 reaches
-    # token (0, 0), column 22 does not.
+    # Column ``reach`` still changes token (0, 0); the next column does not.
     images = torch.zeros(1, 3, 64, 64)
     base = model.patch_embed(images)[0, 0]
     far, near = images.clone(), images.clone()
-    far[..., 4, 22] = 5.0
-    near[..., 4, 21] = 5.0
+    far[..., 4, reach + 1] = 5.0
+    near[..., 4, reach] = 5.0
     torch.testing.assert_close(model.patch_embed(far)[0, 0], base)
     assert not torch.allclose(model.patch_embed(near)[0, 0], base)
 
@@ -78,8 +80,8 @@ def test_token_stride_changes_the_grid_not_the_weights(stride: int, grid: int) -
 
 
 def test_default_token_stride_is_the_shipped_one_and_others_are_rejected() -> None:
-    assert PretrainRecipe().token_stride == TOKEN_STRIDE == 8
-    assert stem_strides() == demo_backbone.STEM_STRIDES == (2, 1, 2, 1, 2, 1)
+    assert PretrainRecipe().token_stride == TOKEN_STRIDE == weight_file_recipe(WEIGHTS_FILE)["token_stride"] == 4
+    assert stem_strides() == demo_backbone.STEM_STRIDES == (2, 1, 2, 1, 1, 1)
     with pytest.raises(IVPTError, match="ivpt_demo_vit: token_stride must be one of 2, 4, 8, got 3"):
         timm.create_model(DEMO_ARCH, pretrained=False, token_stride=3)
 
@@ -108,7 +110,7 @@ def test_pretrained_with_classes_gets_a_fresh_head_and_same_trunk() -> None:
 def test_larger_img_size_resamples_the_position_embedding() -> None:
     model = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=0, img_size=96)
     shipped = load_file(str(WEIGHTS_FILE))
-    assert model.pos_embed.shape == (1, 1 + 12 * 12, DEMO_VIT_ARGS["embed_dim"])
+    assert model.pos_embed.shape == (1, 1 + 24 * 24, DEMO_VIT_ARGS["embed_dim"])
     # The CLS position is a prefix token: carried over, not interpolated.
     torch.testing.assert_close(model.pos_embed[:, :1], shipped["pos_embed"][:, :1].float(), rtol=0, atol=0)
     torch.testing.assert_close(model.patch_embed.proj.weight, shipped["patch_embed.proj.weight"].float())
@@ -142,4 +144,4 @@ def test_project_models_accept_the_demo_backbone() -> None:
     torch.testing.assert_close(model.backbone.pos_embed, shipped["pos_embed"].float(), rtol=0, atol=0)
     out = model(torch.zeros(2, 3, 64, 64))
     assert out.logits.shape == (2, 4)
-    assert [maps.shape for maps in out.concept_maps] == [(2, k, 8, 8) for k in (6, 5, 4)]
+    assert [maps.shape for maps in out.concept_maps] == [(2, k, 16, 16) for k in (6, 5, 4)]

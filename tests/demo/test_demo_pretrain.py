@@ -113,27 +113,31 @@ def test_wider_backbone_records_its_size_and_the_demo_builds_it(tmp_path: Path) 
     assert torch.equal(model.backbone.pos_embed.detach(), load_file(str(path))["pos_embed"])
 
 
-def test_token_stride_4_backbone_records_it_and_the_demo_builds_its_16x16_grid(tmp_path: Path) -> None:
+def test_token_stride_8_backbone_records_it_and_the_demo_builds_its_8x8_grid(tmp_path: Path) -> None:
     from ivpt.demo.run import FAST_PLAN, backbone_file_overrides, demo_config
     from ivpt.model import build_model
 
-    recipe = PretrainRecipe(**{**TINY.__dict__, "token_stride": 4})
-    path = pretrain_backbone(tmp_path / "fine.safetensors", recipe, device="cpu", diagnose=False, progress=False)
+    recipe = PretrainRecipe(**{**TINY.__dict__, "token_stride": 8})
+    path = pretrain_backbone(tmp_path / "coarse.safetensors", recipe, device="cpu", diagnose=False, progress=False)
     written = weight_file_recipe(path)
-    assert written["token_stride"] == 4 and written["command"].endswith("--batch-size 4 --token-stride 4")
+    assert written["token_stride"] == 8 and written["command"].endswith("--batch-size 4 --token-stride 8")
     assert backbone_file_overrides(path) == [
         f"model.pretrained_file={path.resolve()}",
-        "model.backbone_args={token_stride: 4}",
+        "model.backbone_args={token_stride: 8}",
     ]
     cfg = demo_config("ivpt", FAST_PLAN, tmp_path / "data", tmp_path / "run", backbone_file=path)
     model = build_model(cfg, num_classes=3)
-    assert tuple(model.backbone.patch_embed.grid_size) == (16, 16)
+    assert tuple(model.backbone.patch_embed.grid_size) == (8, 8)
     tensors = load_file(str(path))
-    assert tensors["pos_embed"].shape == (1, 1 + 16 * 16, 96)
+    assert tensors["pos_embed"].shape == (1, 1 + 8 * 8, 96)
     assert torch.equal(model.backbone.pos_embed.detach(), tensors["pos_embed"])
+    # A file at the default stride needs no backbone_args.
+    default = pretrain_backbone(tmp_path / "fine.safetensors", TINY, device="cpu", diagnose=False, progress=False)
+    assert weight_file_recipe(default)["token_stride"] == 4
+    assert backbone_file_overrides(default) == [f"model.pretrained_file={default.resolve()}"]
 
 
-def test_files_from_before_the_token_stride_option_load_at_the_default_stride(tmp_path: Path) -> None:
+def test_files_from_before_the_token_stride_option_load_at_their_stride_of_8(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from ivpt.demo.backbone import DEMO_VIT_ARGS
@@ -142,7 +146,10 @@ def test_files_from_before_the_token_stride_option_load_at_the_default_stride(tm
     older = tmp_path / "older.safetensors"
     metadata = {"arch": DEMO_ARCH, "arch_args": json.dumps({**DEMO_VIT_ARGS, "stem_channels": [24]}), "recipe": "{}"}
     save_file({"x": torch.zeros(1)}, str(older), metadata=metadata)
-    assert backbone_file_overrides(older) == [f"model.pretrained_file={older.resolve()}"]
+    assert backbone_file_overrides(older) == [
+        f"model.pretrained_file={older.resolve()}",
+        "model.backbone_args={token_stride: 8}",
+    ]
 
 
 def test_demo_rejects_backbone_files_it_cannot_use(tmp_path: Path) -> None:

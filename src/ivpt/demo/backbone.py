@@ -3,9 +3,9 @@
 It is a timm :class:`~timm.models.vision_transformer.VisionTransformer` (64 px input, width 96, 6 blocks,
 3 heads) whose patch embedding is timm's own convolutional stem, as in timm's hybrid ViTs: a
 :class:`~timm.models.vision_transformer_hybrid.ConvStem` of six 3 x 3 convolutions (two per resolution,
-strides 2, 1, 2, 1, 2, 1) under a :class:`~timm.models.vision_transformer_hybrid.HybridEmbed` projection.
-That gives one token per 8 x 8 pixel cell (an 8 x 8 grid), like 8 px patches, but each token sees a
-43 x 43 pixel window (21 px either side of its cell's first pixel; the pretraining targets are those of
+strides 2, 1, 2, 1, 1, 1) under a :class:`~timm.models.vision_transformer_hybrid.HybridEmbed` projection.
+That gives one token per 4 x 4 pixel cell (a 16 x 16 grid), like 4 px patches, but each token sees a
+35 x 35 pixel window (17 px either side of its cell's first pixel; the pretraining targets are those of
 the cell, so that is what the token describes). Trained from scratch on a few thousand images, a linear
 patch embedding leaves the transformer to discover locality and shape on its own, which it does not do
 in a CPU budget; the convolutional stem supplies both from the first step (Xiao et al., "Early convolutions help
@@ -23,9 +23,10 @@ img_size=96)`` then builds it with the shipped weights, the position embedding r
 larger grid (the stem is convolutional and takes any size). ``pretrained_cfg_overlay=dict(file=...)``
 (what ``model.pretrained_file`` sets) loads another weight file of the same shape instead.
 
-``token_stride=4`` (``model.backbone_args={token_stride: 4}``) builds the same network with the stem's
-last stride removed: a 16 x 16 token grid at 64 px, for weights trained that way by
-``ivpt pretrain-backbone --token-stride 4``.
+``token_stride=8`` (``model.backbone_args={token_stride: 8}``) builds the same network with a stride of 2 in
+the stem's fifth convolution too: an 8 x 8 token grid at 64 px and a quarter of the transformer's cost,
+for weights trained that way by ``ivpt pretrain-backbone --token-stride 8`` (the package's first shipped
+weights were; ``ivpt demo --backbone FILE`` reads the stride from the file).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def ivpt_demo_vit(pretrained: bool = False, token_stride: int = TOKEN_STRIDE, **
     Args:
         pretrained: load the shipped weights (or ``pretrained_cfg_overlay=dict(file=...)``).
         token_stride: pixels per token side, one of :data:`TOKEN_STRIDES` (the shipped weights were trained
-            at 8: an 8 x 8 grid at 64 px; 4 gives a 16 x 16 grid at four times the transformer's cost).
+            at 4: a 16 x 16 grid at 64 px; 8 gives an 8 x 8 grid at a quarter of the transformer's cost).
 
     Raises:
         IVPTError: ``token_stride`` is not supported, or ``pretrained`` is set, no other file is given, and

@@ -5,22 +5,22 @@ backbone must therefore know images of this kind without knowing the task: it is
 ``"pretrain"`` family of the synthetic generator, whose classes are defined by the breast pattern, tail
 shape and tail colour, while the demo's classes are defined by head colour, wing pattern and beak shape.
 
-Recipe (:class:`ivpt.demo.recipe.PretrainRecipe`; everything derives from ``seed``, so the same command
-writes the same file on the same hardware, software and thread count). The default, which wrote the
-shipped file: 100 classes x 100 images of 64 px drawn in memory
-(:func:`ivpt.data.synthetic.render_synthetic`), half of each class held out; random horizontal flips;
-12 epochs of AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped at 2), batch 32, one warm-up epoch
-then cosine decay; about 10 minutes on one CPU thread. The images and the model live on the training
-device and batches are gathered there (the order and flips are those of the engine's
-:class:`~ivpt.engine.rng.EpochSampler` and :class:`~ivpt.engine.rng.SeededSamples`), so the same code
-scales to a GPU (bf16 autocast there) with more images (``per_class``), ``workers`` processes drawing
-them, and ``max_minutes`` as a guard for time-boxed machines.
+Recipe (:class:`ivpt.demo.recipe.PretrainRecipe`; everything derives from ``seed``, so the same command writes
+the same file on the same hardware, software and thread count). The default, which wrote the shipped file: 100
+classes x 100 images of 64 px drawn in memory (:func:`ivpt.data.synthetic.render_synthetic`), half of each
+class held out; random horizontal flips; 12 epochs of AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped
+at 2), batch 32, one warm-up epoch then cosine decay, one token per 4 x 4 pixel cell (``token_stride``); about
+22 minutes on two CPU threads. The images and the model live on the training device and batches are gathered
+there (the order and flips are those of the engine's :class:`~ivpt.engine.rng.EpochSampler` and
+:class:`~ivpt.engine.rng.SeededSamples`), so the same code scales to a GPU (bf16 autocast there) with more
+images (``per_class``), ``workers`` processes drawing them, and ``max_minutes`` as a guard for time-boxed
+machines.
 
 Supervised signals, all from the pretraining family's own annotations and pixels:
 
 - ``attributes``: the class's three attributes (5 breast patterns, 4 tail shapes, 5 tail colours), one
   softmax each, from the CLS token and from the mean patch token (label smoothing 0.1);
-- ``parts``: per token and per quarter of its pixel cell (8 x 8 px by default, see ``token_stride``), the
+- ``parts``: per token and per quarter of its pixel cell (4 x 4 px by default, see ``token_stride``), the
   share of each part and of the background (soft-target cross-entropy from the generator's part masks).
   Foreground tokens weigh ``1 + FOREGROUND_WEIGHT * foreground share``: background covers ~90 % of the
   tokens and would otherwise teach mostly "background";

@@ -31,6 +31,8 @@ METHODS: tuple[str, ...] = ("ivpt", "vpt_deep", "linear_probe")
 # The columns of the results table, keys of ``results.json`` and of ``ivpt eval``'s results.
 TABLE_METRICS: tuple[str, ...] = ("accuracy", "consistency", "stability", "nmi", "ari", "kpr", "faithfulness")
 DATA_SEED = 0
+# The token stride of ``ivpt pretrain-backbone`` files that do not record one (the option came later).
+LEGACY_TOKEN_STRIDE = 8
 # ``ivpt eval`` notes start with the metric they concern; these are the ones behind the table's columns.
 _NOTED_METRICS = ("accuracy", "consistency", "stability", "part_discovery", "kpr", "faithfulness")
 
@@ -62,8 +64,8 @@ class DemoPlan:
 
 FULL_PLAN = DemoPlan(
     num_classes=10,
-    per_class=60,
-    epochs=24,
+    per_class=90,
+    epochs=10,
     max_steps=0,
     batch_size=16,
     n_pro=(17, 14, 11, 8, 5),
@@ -101,7 +103,7 @@ COMMON_OVERRIDES: tuple[str, ...] = (
     "eval.batch_size=64",
 )
 # What each method trains, and at which learning rates. The official recipe moves the prototypes at
-# 2e-4 for ~9000 steps; the demo has ~450 steps, so they (and the prompt tokens of VPT-Deep, which
+# 2e-4 for ~9000 steps; the demo has ~280 steps, so they (and the prompt tokens of VPT-Deep, which
 # train at ``lr_prototypes`` too) need a proportionally larger rate to travel as far in feature space.
 #
 # IVPT's three map-shaping terms that act on every prototype at once (background presence, pixel
@@ -135,6 +137,8 @@ METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
     ),
     "linear_probe": (
         "model.method=linear_probe",
+        # The frozen backbone sees each training image in two views (flipped or not): compute each once.
+        "model.cache_features=true",
         "optim.lr_head=0.01",
     ),
 }
@@ -163,8 +167,8 @@ def backbone_file_overrides(path: str | Path) -> list[str]:
         raise IVPTError(
             f"demo: backbone file '{path}' was not written by 'ivpt pretrain-backbone' (no {DEMO_ARCH} metadata)"
         )
-    trained = json.loads(metadata["arch_args"])
-    # Files written before the token stride was an option were all trained at the default one.
+    # Files written before the token stride was an option were all trained at 8 px per token.
+    trained = {"token_stride": LEGACY_TOKEN_STRIDE, **json.loads(metadata["arch_args"])}
     registered = {**DEMO_VIT_ARGS, "token_stride": TOKEN_STRIDE}
     changed = {key: value for key, value in trained.items() if key in registered and value != registered[key]}
     overrides = [f"model.pretrained_file={path.resolve()}"]
@@ -373,6 +377,7 @@ __all__ = [
     "FAST_PLAN",
     "FULL_PLAN",
     "IVPT_LOSS_OVERRIDES",
+    "LEGACY_TOKEN_STRIDE",
     "METHODS",
     "METHOD_OVERRIDES",
     "TABLE_METRICS",
