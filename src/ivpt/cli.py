@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         "test_per_class": (int, "held-out images per class (default: half of --per-class)"),
         "batch_size": (int, "training batch size"),
         "lr": (float, "peak learning rate"),
+        "appearance_weight": (float, "weight of the per-token appearance term"),
+        "attribute_weight": (float, "weight of the class-attribute term (0: no class labels)"),
     }
     for name, (kind, text) in recipe_options.items():
         value = getattr(default, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,18 @@ def test_token_stride_changes_the_grid_not_the_weights(stride: int, grid: int) -
     assert stem_strides(stride).count(2) == {8: 3, 4: 2, 2: 1}[stride]
     loaded = timm.create_model(DEMO_ARCH, pretrained=True, num_classes=0, token_stride=stride)
     assert loaded.pos_embed.shape == (1, 1 + grid * grid, DEMO_VIT_ARGS["embed_dim"])
+
+
+def test_shipped_weights_were_written_by_the_default_recipe() -> None:
+    # ``ivpt pretrain-backbone --out FILE`` with no other option is the command that reproduces them.
+    recorded = weight_file_recipe(WEIGHTS_FILE)
+    default = PretrainRecipe()
+    # The file predates the loss-weight options; the code trained every term at weight 1 then.
+    assert {field.name for field in fields(PretrainRecipe)} - set(recorded) <= {"appearance_weight", "attribute_weight"}
+    assert default.appearance_weight == default.attribute_weight == 1.0
+    for field in fields(PretrainRecipe):
+        assert recorded.get(field.name, getattr(default, field.name)) == getattr(default, field.name), field.name
+    assert recorded["epochs_completed"] == recorded["epochs"]
 
 
 def test_default_token_stride_is_the_shipped_one_and_others_are_rejected() -> None:

@@ -20,7 +20,9 @@ from ivpt.demo.pretrain import (
     APPEARANCE,
     _DeviceImages,
     appearance_targets,
+    attribute_probes,
     attribute_targets,
+    loss_weights,
     part_centroid_nmi,
     part_cluster_nmi,
     part_pooled_features,
@@ -81,6 +83,21 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
     torch.manual_seed(5)
     fresh = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0)
     assert not torch.equal(fresh.blocks[0].attn.qkv.weight, tensors_a["blocks.0.attn.qkv.weight"])
+
+
+def test_loss_weights_come_from_the_recipe_and_change_what_is_trained(tmp_path: Path) -> None:
+    assert loss_weights(PretrainRecipe()) == {"attributes": 1.0, "parts": 1.0, "geometry": 1.0, "appearance": 1.0}
+    assert loss_weights(PretrainRecipe(appearance_weight=10.0))["appearance"] == 10.0
+    assert loss_weights(PretrainRecipe(attribute_weight=0.0))["attributes"] == 0.0
+    options = dict(device="cpu", diagnose=False, progress=False)
+    default = load_file(str(pretrain_backbone(tmp_path / "default.safetensors", TINY, **options)))
+    for name, value in (("appearance_weight", 10.0), ("attribute_weight", 0.0)):
+        recipe = PretrainRecipe(**{**TINY.__dict__, name: value})
+        path = pretrain_backbone(tmp_path / f"{name}.safetensors", recipe, **options)
+        written = weight_file_recipe(path)
+        assert written[name] == value and written["command"].endswith(f"--{name.replace('_', '-')} {value}")
+        changed = load_file(str(path))
+        assert not torch.equal(changed["blocks.0.attn.qkv.weight"], default["blocks.0.attn.qkv.weight"]), name
 
 
 def test_max_minutes_saves_after_the_epoch_that_passes_it(tmp_path: Path) -> None:
@@ -203,6 +220,8 @@ def test_pretrain_rejects_bad_arguments(tmp_path: Path) -> None:
         (["--lr", "0"], "--lr must be positive, got 0.0"),
         (["--device", "tpu"], "--device: 'tpu' is not a device"),
         (["--token-stride", "3"], "--token-stride must be one of 2, 4, 8, got 3"),
+        (["--appearance-weight", "-1"], "--appearance-weight must be a finite number >= 0, got -1.0"),
+        (["--attribute-weight", "nan"], "--attribute-weight must be a finite number >= 0, got nan"),
     ],
 )
 def test_cli_hands_each_option_to_the_recipe(
@@ -358,6 +377,35 @@ def test_feature_diagnostics_score_every_block_on_the_backbones_own_grid(stride:
     expected = (shares[..., 0] < 0.5).sum(dim=1).float().mean().item()
     assert result["foreground_tokens"] == pytest.approx(round(expected, 1))
     assert 0.0 <= result["probe_accuracy"] <= 100.0 and 0.0 <= result["part_probe_accuracy"] <= 100.0
+    assert set(result["attribute_probe_accuracy"]) == {"head_colour", "wing_pattern", "beak_shape"}
+
+
+def test_attribute_probes_read_each_axis_from_its_own_part_only() -> None:
+    from ivpt.data.synthetic import FAMILIES, PART_ID, class_definitions
+
+    data = render_synthetic(num_classes=10, per_class=8, size=64, seed=3)
+    shares = part_shares(torch.from_numpy(data.part_ids), int(data.part_ids.max()), 4, split=1)[:, :, 0]
+    # Tokens that show the head's colour where the head is, and noise everywhere else.
+    colours = list(FAMILIES["default"].axes["head_colour"])
+    classes = class_definitions("default", 10)
+    head_colour = torch.tensor([colours.index(classes[label][1]["head_colour"]) for label in data.labels])
+    generator = torch.Generator().manual_seed(0)
+    tokens = 0.01 * torch.randn(len(data.labels), shares.shape[1], 8, generator=generator)
+    on_head = (shares[..., PART_ID["head"]] > 0).float()
+    tokens[..., : len(colours)] += (
+        on_head[..., None] * torch.nn.functional.one_hot(head_colour, 8)[:, None, : len(colours)]
+    )
+    result = attribute_probes(tokens, shares, data, "default")
+    assert set(result) == {"head_colour", "wing_pattern", "beak_shape"}
+    assert result["head_colour"] == 100.0
+    # The wing's and the beak's tokens carry nothing about their attributes.
+    assert result["wing_pattern"] < 70.0 and result["beak_shape"] < 70.0
+    # The first two classes share their wing pattern (barred): nothing to tell apart on that axis.
+    two = render_synthetic(num_classes=2, per_class=6, size=64, seed=3)
+    assert [attributes["wing_pattern"] for _, attributes in class_definitions("default", 2)] == ["Barred", "Barred"]
+    two_shares = part_shares(torch.from_numpy(two.part_ids), 8, 4, split=1)[:, :, 0]
+    two_result = attribute_probes(torch.randn(12, 256, 8, generator=generator), two_shares, two, "default")
+    assert two_result["wing_pattern"] is None and two_result["head_colour"] is not None
 
 
 def test_probe_accuracy_separates_separable_classes() -> None:

@@ -94,8 +94,8 @@ FAMILIES: dict[str, Family] = {
         }
     ),
 }
-# Where each axis shows (for class names such as "Red_head_Striped_wing_Hooked_beak").
-_AXIS_PART = {
+# The part each attribute axis belongs to (and class names such as "Red_head_Striped_wing_Hooked_beak").
+AXIS_PART: dict[str, str] = {
     "head_colour": "head",
     "wing_pattern": "wing",
     "beak_shape": "beak",
@@ -117,7 +117,7 @@ def class_definitions(family: str, num_classes: int) -> list[tuple[str, dict[str
     classes = []
     for index in order:
         values = dict(zip(spec.axes, combos[index], strict=True))
-        name = "_".join(f"{value}_{_AXIS_PART[axis]}" for axis, value in values.items())
+        name = "_".join(f"{value}_{AXIS_PART[axis]}" for axis, value in values.items())
         classes.append((name, values))
     return classes
 
@@ -636,4 +636,13 @@ def render_synthetic(
     )
 
 
-__all__ = ["FAMILIES", "PART_NAMES", "SyntheticArrays", "class_definitions", "make_synthetic", "render_synthetic"]
+__all__ = [
+    "AXIS_PART",
+    "FAMILIES",
+    "PART_ID",
+    "PART_NAMES",
+    "SyntheticArrays",
+    "class_definitions",
+    "make_synthetic",
+    "render_synthetic",
+]

@@ -35,6 +35,13 @@ Supervised signals, all from the pretraining family's own annotations and pixels
   self-supervised signal about every pixel, not about the task: it keeps local colour, texture and
   orientation in the features, and the demo's classes are made of those.
 
+Every term weighs 1 in the minimised sum by default (``appearance_weight`` and ``attribute_weight``
+change two of them). The attribute term's gradient then dominates, and it teaches the tokens to drop what
+the pretraining classes do not need: the head colour, a random nuisance in every pretraining image, can
+be read off the true head's tokens of demo-family images only 55 % of the time. At ``appearance_weight``
+10 it can 95 % of the time, but the tokens then cluster by colour more than by part, and IVPT finds
+the demo's parts less well on them (README, "The demo backbone").
+
 The three dense terms are applied to the normalised tokens after every block from the second on (shared
 heads): those are the depths where IVPT's prototype stages read the features, so each of them must show
 parts, not only the last one. The dense part signal stands in for what makes DINOv2's patch features
@@ -45,15 +52,17 @@ any part label find the parts in these features.
 After training, :func:`feature_diagnostics` scores the frozen features on separate *demo-family* images
 (seed ``seed + 2000``, not the demo's; part masks used for scoring only): the NMI between k-means
 clusters of foreground tokens and their majority part, per block, the accuracy of a linear probe on the
-mean patch token, and that of a probe on the tokens pooled over each true part (what a perfect part
-discovery would hand IVPT's classifier). The file's metadata records the recipe, the held-out accuracy
-of the CLS attribute classifiers (all three attributes right) and these diagnostics; the README's demo
-section quotes those of the shipped file.
+mean patch token, that of a probe on the tokens pooled over each true part (what a perfect part
+discovery would hand IVPT's classifier), and per class-defining attribute (head colour, wing pattern,
+beak shape) that of a probe reading it from the tokens of its own part. The file's metadata records the
+recipe, the held-out accuracy of the CLS attribute classifiers (all three attributes right) and these
+diagnostics; the README's demo section quotes those of the shipped file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from collections.abc import Iterator
@@ -327,8 +336,19 @@ class _PretrainModel(nn.Module):
         return part_logits, centroid_logits, self.appearance_head(tokens)
 
 
+def loss_weights(recipe: PretrainRecipe) -> dict[str, float]:
+    """The weight of each term of :func:`_losses` in the minimised sum."""
+    return {
+        "attributes": recipe.attribute_weight,
+        "parts": 1.0,
+        "geometry": 1.0,
+        "appearance": recipe.appearance_weight,
+    }
+
+
 def _losses(model: _PretrainModel, batch: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
-    """The four pretraining terms (see the module docstring), in fp32; their sum is what is minimised."""
+    """The four pretraining terms (see the module docstring), unweighted, in fp32; :func:`loss_weights` gives
+    the weights of their minimised sum."""
     images = batch["image"]
     cls_logits, patch_logits, depths = model(images)
     wanted = targets[batch["label"]]  # (B, A)
@@ -465,9 +485,50 @@ def part_pooled_features(tokens: Tensor, shares: Tensor) -> Tensor:
     return torch.einsum("bnp,bnd->bpd", weights, tokens).flatten(1)
 
 
+def attribute_probes(tokens: Tensor, shares: Tensor, data: SyntheticArrays, family: str) -> dict[str, float | None]:
+    """How well each class-defining attribute can be read off the tokens of its own part.
+
+    For every attribute axis of ``family`` (e.g. the head colour), a :func:`probe_accuracy` probe predicts
+    each image's value on that axis from its tokens pooled over the axis's true part (the head), on the
+    images where that part is visible. A backbone whose tokens lost what a part looks like scores low here
+    even when its parts are easy to find.
+
+    Args:
+        tokens: ``(N, n, D)`` patch tokens of the images of ``data``.
+        shares: ``(N, n, P + 1)`` part shares under each token (column 0: background).
+        data: the images (their labels and split).
+        family: the synthetic family ``data`` was drawn from.
+
+    Returns:
+        ``{axis: test accuracy (%)}``, ``None`` for an axis whose training images show fewer than two of
+        its values.
+    """
+    from ivpt.data.synthetic import AXIS_PART, FAMILIES, PART_ID, class_definitions
+
+    labels, is_train = data.labels, torch.from_numpy(data.is_train)
+    classes = class_definitions(family, int(labels.max()) + 1)
+    result: dict[str, float | None] = {}
+    for axis, values in FAMILIES[family].axes.items():
+        value_index = {name: index for index, name in enumerate(values)}
+        target = torch.tensor([value_index[classes[label][1][axis]] for label in labels.tolist()])
+        weights = shares[..., PART_ID[AXIS_PART[axis]]]  # (N, n)
+        visible = weights.sum(dim=1) > 0
+        pooled = torch.einsum("bn,bnd->bd", weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6), tokens)
+        rows = visible & is_train
+        if len(target[rows].unique()) < 2 or not (visible & ~is_train).any():
+            result[axis] = None
+            continue
+        result[axis] = round(probe_accuracy(pooled[visible], target[visible], is_train[visible]), 1)
+    return result
+
+
 @torch.no_grad()
 def feature_diagnostics(
-    backbone: nn.Module, data: SyntheticArrays, batch_size: int = 200, device: str | torch.device = "cpu"
+    backbone: nn.Module,
+    data: SyntheticArrays,
+    batch_size: int = 200,
+    device: str | torch.device = "cpu",
+    family: str = "default",
 ) -> dict[str, Any]:
     """Part-awareness and linear separability of a frozen backbone's tokens on a synthetic data set.
 
@@ -479,6 +540,7 @@ def feature_diagnostics(
         data: a synthetic data set (:func:`ivpt.data.synthetic.render_synthetic`; any family).
         batch_size: images per forward.
         device: where the backbone runs.
+        family: the synthetic family ``data`` was drawn from (its attribute axes).
 
     Returns:
         ``foreground_tokens``: tokens per image that are mostly part, not background (how much of a
@@ -487,7 +549,7 @@ def feature_diagnostics(
         :func:`part_centroid_nmi` (prototypes from the data set's training images, scored on its test
         images); ``probe_accuracy``: :func:`probe_accuracy` of the mean final patch token;
         ``part_probe_accuracy``: the same probe on :func:`part_pooled_features` of the final tokens over
-        the true parts.
+        the true parts; ``attribute_probe_accuracy``: :func:`attribute_probes` of the final tokens.
     """
     num_parts = int(data.part_ids.max())
     images = _DeviceImages(data, np.arange(len(data.labels)), torch.device(device))
@@ -515,6 +577,7 @@ def feature_diagnostics(
         "part_probe_accuracy": round(
             probe_accuracy(part_pooled_features(features[-1], part_share), labels, is_train), 1
         ),
+        "attribute_probe_accuracy": attribute_probes(features[-1], part_share, data, family),
     }
 
 
@@ -614,6 +677,10 @@ def pretrain_backbone(
             f"pretrain-backbone: --test-per-class ({recipe.test_per_class}) must be below --per-class "
             f"({recipe.per_class}): some images of each class must be left for training"
         )
+    for name in ("appearance_weight", "attribute_weight"):
+        value = getattr(recipe, name)
+        if not math.isfinite(value) or value < 0:
+            raise IVPTError(f"pretrain-backbone: --{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if recipe.lr <= 0:
         raise IVPTError(f"pretrain-backbone: --lr must be positive, got {recipe.lr}")
     if recipe.token_stride not in TOKEN_STRIDES:
@@ -650,6 +717,7 @@ def pretrain_backbone(
     schedule = OptimConfig(scheduler="cosine", warmup_epochs=WARMUP_EPOCHS)
     scheduler = build_scheduler(optimizer, schedule, steps_per_epoch, recipe.epochs)
     use_bf16 = target_device.type == "cuda"
+    weights = loss_weights(recipe)
     epoch_started = time.perf_counter()
 
     epochs_completed = 0
@@ -665,7 +733,7 @@ def pretrain_backbone(
             with torch.autocast(target_device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 terms = _losses(model, batch, targets)
             optimizer.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
+            sum(weights[name] * value for name, value in terms.items()).backward()
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
             scheduler.step()
@@ -741,7 +809,9 @@ def weight_file_recipe(path: str | Path) -> dict[str, Any]:
 __all__ = [
     "PretrainRecipe",
     "appearance_targets",
+    "attribute_probes",
     "feature_diagnostics",
+    "loss_weights",
     "part_centroid_nmi",
     "part_cluster_nmi",
     "part_pooled_features",
