@@ -507,17 +507,17 @@ def attribute_probes(tokens: Tensor, shares: Tensor, data: SyntheticArrays, fami
 
     labels, is_train = data.labels, torch.from_numpy(data.is_train)
     classes = class_definitions(family, int(labels.max()) + 1)
+    per_part = part_pooled_features(tokens, shares).unflatten(1, (shares.shape[-1] - 1, tokens.shape[-1]))
     result: dict[str, float | None] = {}
     for axis, values in FAMILIES[family].axes.items():
         value_index = {name: index for index, name in enumerate(values)}
         target = torch.tensor([value_index[classes[label][1][axis]] for label in labels.tolist()])
-        weights = shares[..., PART_ID[AXIS_PART[axis]]]  # (N, n)
-        visible = weights.sum(dim=1) > 0
-        pooled = torch.einsum("bn,bnd->bd", weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6), tokens)
-        rows = visible & is_train
-        if len(target[rows].unique()) < 2 or not (visible & ~is_train).any():
+        part = PART_ID[AXIS_PART[axis]]
+        visible = shares[..., part].sum(dim=1) > 0
+        if len(target[visible & is_train].unique()) < 2 or not (visible & ~is_train).any():
             result[axis] = None
             continue
+        pooled = per_part[:, part - 1]  # (N, D); part ids count from 1, the background is not pooled
         result[axis] = round(probe_accuracy(pooled[visible], target[visible], is_train[visible]), 1)
     return result
 
