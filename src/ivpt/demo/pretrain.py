@@ -503,15 +503,14 @@ def attribute_probes(tokens: Tensor, shares: Tensor, data: SyntheticArrays, fami
         ``{axis: test accuracy (%)}``, ``None`` for an axis whose training images show fewer than two of
         its values.
     """
-    from ivpt.data.synthetic import AXIS_PART, FAMILIES, PART_ID, class_definitions
+    from ivpt.data.synthetic import AXIS_PART, FAMILIES, PART_ID
 
-    labels, is_train = data.labels, torch.from_numpy(data.is_train)
-    classes = class_definitions(family, int(labels.max()) + 1)
+    labels, is_train = torch.from_numpy(data.labels), torch.from_numpy(data.is_train)
+    class_values, _ = attribute_targets(family, int(labels.max()) + 1)  # (C, A)
     per_part = part_pooled_features(tokens, shares).unflatten(1, (shares.shape[-1] - 1, tokens.shape[-1]))
     result: dict[str, float | None] = {}
-    for axis, values in FAMILIES[family].axes.items():
-        value_index = {name: index for index, name in enumerate(values)}
-        target = torch.tensor([value_index[classes[label][1][axis]] for label in labels.tolist()])
+    for axis_index, axis in enumerate(FAMILIES[family].axes):
+        target = class_values[labels, axis_index]  # (N,) each image's value on this axis
         part = PART_ID[AXIS_PART[axis]]
         visible = shares[..., part].sum(dim=1) > 0
         if len(target[visible & is_train].unique()) < 2 or not (visible & ~is_train).any():
