@@ -84,11 +84,8 @@ def test_shipped_weights_were_written_by_the_default_recipe() -> None:
     # ``ivpt pretrain-backbone --out FILE`` with no other option is the command that reproduces them.
     recorded = weight_file_recipe(WEIGHTS_FILE)
     default = PretrainRecipe()
-    # The file predates the loss-weight options; the code trained every term at weight 1 then.
-    assert {field.name for field in fields(PretrainRecipe)} - set(recorded) <= {"appearance_weight", "attribute_weight"}
-    assert default.appearance_weight == default.attribute_weight == 1.0
     for field in fields(PretrainRecipe):
-        assert recorded.get(field.name, getattr(default, field.name)) == getattr(default, field.name), field.name
+        assert recorded[field.name] == getattr(default, field.name), field.name
     assert recorded["epochs_completed"] == recorded["epochs"]
 
 

@@ -86,7 +86,7 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
 
 
 def test_loss_weights_come_from_the_recipe_and_change_what_is_trained(tmp_path: Path) -> None:
-    assert loss_weights(PretrainRecipe()) == {"attributes": 1.0, "parts": 1.0, "geometry": 1.0, "appearance": 1.0}
+    assert loss_weights(PretrainRecipe()) == {"attributes": 0.1, "parts": 1.0, "geometry": 1.0, "appearance": 1.0}
     assert loss_weights(PretrainRecipe(appearance_weight=10.0))["appearance"] == 10.0
     assert loss_weights(PretrainRecipe(attribute_weight=0.0))["attributes"] == 0.0
     options = dict(device="cpu", diagnose=False, progress=False)
