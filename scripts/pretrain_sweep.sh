@@ -5,8 +5,9 @@
 #   OUT=/some/folder bash scripts/pretrain_sweep.sh         # on a CUDA machine, from the repository root
 #   SMOKE=1 OUT=/tmp/sweep bash scripts/pretrain_sweep.sh   # dry run on the CPU with tiny settings
 #
-# Candidates (batch 512; the first sweep's four 8 px candidates with rich targets are in the README):
-#   s8_cell_e30   the first shipped recipe (8 px tokens, cell targets) at this scale, 30 epochs
+# Candidates (batch 512, the default class-attribute weight 0.1; the first sweep's four 8 px candidates with
+# rich targets, at attribute weight 1, are in the README):
+#   s8_cell_e30   the first shipped recipe's tokens and targets (8 px tokens, cell targets) at this scale, 30 epochs
 #   s4_cell_e12   the shipped recipe (4 px tokens: a 16 x 16 grid at 64 px, cell targets) at this scale, 12 epochs
 #   s4_rich_e12   4 px tokens, rich targets, 12 epochs
 #   s4_w128_e12   4 px tokens, cell targets, width 128 and 4 heads, 12 epochs
