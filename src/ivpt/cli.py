@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lr": (float, "peak learning rate"),
         "appearance_weight": (float, "weight of the per-token appearance term"),
         "attribute_weight": (float, "weight of the class-attribute term (0: no class labels)"),
+        "part_appearance_weight": (float, "weight of the per-token description of its whole part (0: off)"),
     }
     for name, (kind, text) in recipe_options.items():
         value = getattr(default, name)

@@ -22,9 +22,11 @@ from ivpt.demo.pretrain import (
     appearance_targets,
     attribute_probes,
     attribute_targets,
+    descriptor_statistics,
     loss_weights,
     part_centroid_nmi,
     part_cluster_nmi,
+    part_descriptors,
     part_pooled_features,
     part_shares,
     pretrain_backbone,
@@ -86,12 +88,14 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
 
 
 def test_loss_weights_come_from_the_recipe_and_change_what_is_trained(tmp_path: Path) -> None:
-    assert loss_weights(PretrainRecipe()) == {"attributes": 0.1, "parts": 1.0, "geometry": 1.0, "appearance": 1.0}
+    weights = loss_weights(PretrainRecipe(attribute_weight=0.1, part_appearance_weight=0.0))
+    assert weights == {"attributes": 0.1, "parts": 1.0, "geometry": 1.0, "appearance": 1.0, "part_appearance": 0.0}
     assert loss_weights(PretrainRecipe(appearance_weight=10.0))["appearance"] == 10.0
     assert loss_weights(PretrainRecipe(attribute_weight=0.0))["attributes"] == 0.0
+    assert loss_weights(PretrainRecipe(part_appearance_weight=2.0))["part_appearance"] == 2.0
     options = dict(device="cpu", diagnose=False, progress=False)
     default = load_file(str(pretrain_backbone(tmp_path / "default.safetensors", TINY, **options)))
-    for name, value in (("appearance_weight", 10.0), ("attribute_weight", 0.0)):
+    for name, value in (("appearance_weight", 10.0), ("attribute_weight", 0.0), ("part_appearance_weight", 1.0)):
         recipe = PretrainRecipe(**{**TINY.__dict__, name: value})
         path = pretrain_backbone(tmp_path / f"{name}.safetensors", recipe, **options)
         written = weight_file_recipe(path)
@@ -222,6 +226,7 @@ def test_pretrain_rejects_bad_arguments(tmp_path: Path) -> None:
         (["--token-stride", "3"], "--token-stride must be one of 2, 4, 8, got 3"),
         (["--appearance-weight", "-1"], "--appearance-weight must be a finite number >= 0, got -1.0"),
         (["--attribute-weight", "nan"], "--attribute-weight must be a finite number >= 0, got nan"),
+        (["--part-appearance-weight", "-0.5"], "--part-appearance-weight must be a finite number >= 0, got -0.5"),
     ],
 )
 def test_cli_hands_each_option_to_the_recipe(
@@ -282,6 +287,44 @@ def test_part_shares_count_the_pixels_of_each_part_in_every_sub_cell() -> None:
     torch.testing.assert_close(shares[1, 1, 2], counts)
     whole = part_shares(part_ids, num_parts=8, stride=8, split=1)
     torch.testing.assert_close(whole[:, :, 0], shares.mean(dim=2))
+
+
+def test_part_descriptors_give_colour_spread_texture_and_shape_of_each_part() -> None:
+    images = torch.zeros(1, 3, 12, 16)
+    part_ids = torch.zeros(1, 12, 16, dtype=torch.long)
+    part_ids[0, 2:4, 1:9] = 1  # a plain 2 x 8 bar of colour (0.5, -0.2, 0.1)
+    images[0, :, 2:4, 1:9] = torch.tensor([0.5, -0.2, 0.1]).view(3, 1, 1)
+    part_ids[0, 6:10, 4:8] = 3  # a 4 x 4 square striped column by column, green 0 / 2
+    images[0, 1, 6:10, 4:8] = torch.tensor([0.0, 2.0, 0.0, 2.0])
+    descriptors, pixels = part_descriptors(images, part_ids, num_parts=4)
+    assert descriptors.shape == (1, 4, 17) and pixels.tolist() == [[16.0, 0.0, 16.0, 0.0]]
+    assert torch.isfinite(descriptors).all()  # absent parts too
+    bar, square = descriptors[0, 0], descriptors[0, 2]
+    torch.testing.assert_close(bar[:3], torch.tensor([0.5, -0.2, 0.1]))
+    torch.testing.assert_close(bar[3:6], torch.zeros(3), atol=1e-3, rtol=0)
+    torch.testing.assert_close(square[:3], torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(square[3:6], torch.tensor([0.0, 1.0, 0.0]), atol=1e-3, rtol=0)
+    # Texture: the channel-mean difference to the pixel 1, then 2 away to the right, below, below-right and
+    # below-left, averaged over the part (neighbours outside the square are 0). One column on, the
+    # stripes always differ by 2 / 3; two columns on only at the square's edge.
+    expected = torch.tensor([2 / 3, 1 / 12, 7 / 12, 11 / 24, 1 / 6, 1 / 6, 1 / 4, 1 / 4])
+    torch.testing.assert_close(square[6:14], expected)
+    # Shape: each is half of the creature; the bar is long and thin, the square round.
+    torch.testing.assert_close(bar[14], torch.tensor(0.5).log())
+    torch.testing.assert_close(square[14], torch.tensor(0.5).log())
+    torch.testing.assert_close(bar[15:17].exp() * 16, torch.tensor([(64 - 1) / 12, (4 - 1) / 12]))
+    torch.testing.assert_close(square[15:17].exp() * 16, torch.tensor([(16 - 1) / 12, (16 - 1) / 12]))
+
+
+def test_descriptor_statistics_standardise_the_parts_present() -> None:
+    data = render_synthetic(num_classes=2, per_class=4, size=64, seed=1, family="pretrain")
+    images = _DeviceImages(data, np.arange(8), torch.device("cpu"))
+    mean, std = descriptor_statistics(images, num_parts=8, batch_size=3)
+    batch = images.batch(torch.arange(8))
+    descriptors, pixels = part_descriptors(batch["image"], batch["part_ids"], 8)
+    present = descriptors[pixels > 0]
+    torch.testing.assert_close(mean, present.mean(dim=0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(std, present.std(dim=0, unbiased=False), atol=1e-4, rtol=1e-4)
 
 
 def _two_tokens() -> torch.Tensor:

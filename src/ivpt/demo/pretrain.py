@@ -33,7 +33,13 @@ Supervised signals, all from the pretraining family's own annotations and pixels
   spread, and the mean absolute horizontal and vertical pixel differences; ``"rich"``: the mean colour
   of each of 4 x 4 sub-cells and the differences in four directions at distances 1 and 2. A
   self-supervised signal about every pixel, not about the task: it keeps local colour, texture and
-  orientation in the features, and the demo's classes are made of those.
+  orientation in the features, and the demo's classes are made of those;
+- ``part_appearance`` (off unless ``part_appearance_weight`` > 0): every creature token predicts what its
+  *whole part* looks like (:func:`part_descriptors`: the part's mean colour and colour spread, its
+  texture in four directions at two distances, its size and elongation; standardised over the training
+  images, smooth-L1). The same description for every part, whichever defines the pretraining classes:
+  the cell targets say what a token's few pixels look like, this one makes the tokens of one part agree
+  on what the part looks like, which is what pooling a region (IVPT's prompts and classifier) reads.
 
 The dense terms weigh 1 in the minimised sum and the class-attribute term 0.1 by default
 (``appearance_weight`` and ``attribute_weight`` change them). At attribute weight 1, the weight of the
@@ -213,6 +219,59 @@ def appearance_targets(images: Tensor, stride: int, style: str = "cell") -> Tens
     return torch.cat([means, spread, texture], dim=2).reshape(batch, -1, spec.dims)
 
 
+# Texture distances of :func:`part_descriptors` (in pixels; four directions each).
+PART_TEXTURE_STEPS = (1, 2)
+# Mean colour (3), colour spread (3), texture (4 directions per step) and shape (3) of one part.
+PART_DESCRIPTOR_DIMS = 3 + 3 + 4 * len(PART_TEXTURE_STEPS) + 3
+
+
+def part_descriptors(images: Tensor, part_ids: Tensor, num_parts: int) -> tuple[Tensor, Tensor]:
+    """What each true part of every image looks like: the targets of the part-appearance term.
+
+    The same description for every part, whatever it is: the mean colour and the colour spread over its
+    pixels, the mean of the :func:`_texture` differences over its pixels (right, down and both diagonals,
+    at each of :data:`PART_TEXTURE_STEPS`), and its shape: the log of its share of the creature's pixels
+    and the logs of its two principal second moments over its pixel count (how long and how wide it is,
+    independent of the creature's scale).
+
+    Args:
+        images: ``(B, 3, H, W)`` normalised images.
+        part_ids: ``(B, H, W)`` integer part id per pixel (0: background, 1..P: parts).
+        num_parts: P.
+
+    Returns:
+        ``(descriptors, pixels)``: ``(B, P, PART_DESCRIPTOR_DIMS)`` (arbitrary but finite for a part that
+        is not in the image) and ``(B, P)`` each part's pixel count.
+    """
+    height, width = images.shape[-2:]
+    masks = F.one_hot(part_ids.long(), num_parts + 1)[..., 1:].permute(0, 3, 1, 2).to(images.dtype)  # (B,P,H,W)
+    pixels = masks.sum(dim=(2, 3))
+    count = pixels.clamp_min(1.0)
+
+    def part_mean(values: Tensor) -> Tensor:  # (B, C, H, W) -> (B, P, C)
+        return torch.einsum("bphw,bchw->bpc", masks, values) / count.unsqueeze(-1)
+
+    colour = part_mean(images)
+    spread = (part_mean(images.square()) - colour.square()).clamp_min(0.0).sqrt()
+    texture = part_mean(torch.cat([_texture(images, step, 4) for step in PART_TEXTURE_STEPS], dim=1))
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=images.dtype, device=images.device),
+        torch.arange(width, dtype=images.dtype, device=images.device),
+        indexing="ij",
+    )
+    coordinates = torch.stack([xs, ys, xs * xs, ys * ys, xs * ys])  # (5, H, W)
+    mx, my, mxx, myy, mxy = part_mean(coordinates.expand(images.shape[0], -1, -1, -1)).unbind(-1)
+    var_x, var_y, cov = mxx - mx.square(), myy - my.square(), mxy - mx * my
+    half_trace = (var_x + var_y) / 2
+    offset = (half_trace.square() - (var_x * var_y - cov.square())).clamp_min(0.0).sqrt()
+    # A one-pixel part has moments 0; the floor keeps the logs finite (a pixel's own variance is 1/12).
+    major = (half_trace + offset).clamp_min(1.0 / 12) / count
+    minor = (half_trace - offset).clamp_min(1.0 / 12) / count
+    share = count / pixels.sum(dim=1, keepdim=True).clamp_min(1.0)
+    shape = torch.stack([share.log(), major.log(), minor.log()], dim=-1)
+    return torch.cat([colour, spread, texture, shape], dim=-1), pixels
+
+
 class _DeviceImages:
     """Images of one split with their part id maps and labels, held as tensors on the training device.
 
@@ -321,6 +380,8 @@ class _PretrainModel(nn.Module):
         self.appearance_head = nn.Linear(dim, APPEARANCE[appearance].dims)
         # One centroid per part (and background) scored like IVPT's concept maps: softmax(-||z - c||^2).
         self.part_centroids = nn.Parameter(torch.randn(num_parts + 1, dim))
+        # Created last: the heads above start as they did before this one existed.
+        self.part_appearance_head = nn.Linear(dim, PART_DESCRIPTOR_DIMS)
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         sequences = normalised_depths(self.backbone, images, FIRST_SUPERVISED_BLOCK)
@@ -345,12 +406,42 @@ def loss_weights(recipe: PretrainRecipe) -> dict[str, float]:
         "parts": 1.0,
         "geometry": 1.0,
         "appearance": recipe.appearance_weight,
+        "part_appearance": recipe.part_appearance_weight,
     }
 
 
-def _losses(model: _PretrainModel, batch: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
-    """The four pretraining terms (see the module docstring), unweighted, in fp32; :func:`loss_weights` gives
-    the weights of their minimised sum."""
+def descriptor_statistics(images: _DeviceImages, num_parts: int, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation of :func:`part_descriptors` over the parts present in ``images``.
+
+    The part-appearance term regresses standardised descriptors, so that colour, texture and shape count
+    alike whatever their units.
+
+    Returns:
+        ``(mean, std)``, each ``(PART_DESCRIPTOR_DIMS,)``.
+    """
+    total = torch.zeros(PART_DESCRIPTOR_DIMS, dtype=torch.float64, device=images.images.device)
+    total_square = torch.zeros_like(total)
+    present = 0
+    for batch in images.in_order(batch_size):
+        descriptors, pixels = part_descriptors(batch["image"], batch["part_ids"], num_parts)
+        rows = descriptors[pixels > 0].double()
+        total += rows.sum(dim=0)
+        total_square += rows.square().sum(dim=0)
+        present += rows.shape[0]
+    mean = total / max(present, 1)
+    std = (total_square / max(present, 1) - mean.square()).clamp_min(1e-6).sqrt()
+    return mean.float(), std.float()
+
+
+def _losses(
+    model: _PretrainModel,
+    batch: dict[str, Tensor],
+    targets: Tensor,
+    descriptor_scale: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """The pretraining terms (see the module docstring), unweighted, in fp32; :func:`loss_weights` gives
+    the weights of their minimised sum. ``descriptor_scale`` (:func:`descriptor_statistics`) switches the
+    part-appearance term on; without it the term is not computed."""
     images = batch["image"]
     cls_logits, patch_logits, depths = model(images)
     wanted = targets[batch["label"]]  # (B, A)
@@ -375,12 +466,41 @@ def _losses(model: _PretrainModel, batch: dict[str, Tensor], targets: Tensor) ->
         geometry = geometry + (per_token * token_weights).sum() / token_weights.sum()
         colours = colours + F.smooth_l1_loss(predicted.float(), appearance)
     count = len(depths)
-    return {
+    terms = {
         "attributes": attributes,
         "parts": parts / count,
         "geometry": geometry / count,
         "appearance": colours / count,
     }
+    if descriptor_scale is not None:
+        terms["part_appearance"] = _part_appearance(model, batch, depths, token_shares, descriptor_scale)
+    return terms
+
+
+def _part_appearance(
+    model: _PretrainModel,
+    batch: dict[str, Tensor],
+    depths: list[Tensor],
+    token_shares: Tensor,
+    descriptor_scale: tuple[Tensor, Tensor],
+) -> Tensor:
+    """Smooth-L1 error of each creature token's prediction of its whole part's standardised
+    :func:`part_descriptors`, mean over the creature tokens and the supervised depths.
+
+    ``token_shares (B, n, P + 1)``: part shares under each token; a token counts as the creature's when
+    most of it is (:func:`_foreground`), and its part is the largest one under it.
+    """
+    mean, std = descriptor_scale
+    descriptors, _ = part_descriptors(batch["image"], batch["part_ids"], model.num_parts)
+    descriptors = (descriptors - mean) / std  # (B, P, dims)
+    part = token_shares[..., 1:].argmax(dim=-1)  # (B, n) 0-based foreground part
+    wanted = torch.gather(descriptors, 1, part.unsqueeze(-1).expand(-1, -1, descriptors.shape[-1]))
+    creature = _foreground(token_shares).to(wanted.dtype)  # (B, n)
+    total = wanted.new_zeros(())
+    for tokens in depths:
+        error = F.smooth_l1_loss(model.part_appearance_head(tokens).float(), wanted, reduction="none").mean(-1)
+        total = total + (error * creature).sum() / creature.sum().clamp_min(1.0)
+    return total / len(depths)
 
 
 @torch.no_grad()
@@ -678,7 +798,7 @@ def pretrain_backbone(
             f"pretrain-backbone: --test-per-class ({recipe.test_per_class}) must be below --per-class "
             f"({recipe.per_class}): some images of each class must be left for training"
         )
-    for name in ("appearance_weight", "attribute_weight"):
+    for name in ("appearance_weight", "attribute_weight", "part_appearance_weight"):
         value = getattr(recipe, name)
         if not math.isfinite(value) or value < 0:
             raise IVPTError(f"pretrain-backbone: --{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -719,20 +839,25 @@ def pretrain_backbone(
     scheduler = build_scheduler(optimizer, schedule, steps_per_epoch, recipe.epochs)
     use_bf16 = target_device.type == "cuda"
     weights = loss_weights(recipe)
+    descriptor_scale = None
+    if weights["part_appearance"] > 0:
+        descriptor_scale = descriptor_statistics(train_set, model.num_parts)
+    # A switched-off part-appearance term is not computed at all (the others always are).
+    names = [name for name in weights if name != "part_appearance" or descriptor_scale is not None]
     epoch_started = time.perf_counter()
 
     epochs_completed = 0
     for epoch in range(recipe.epochs):
         order, flips = epoch_order(len(train_set), recipe.seed, epoch)
         model.train()
-        sums = torch.zeros(4, device=target_device)
+        sums = torch.zeros(len(names), device=target_device)
         for step in tqdm(
             range(steps_per_epoch), desc=f"pretrain {epoch + 1}/{recipe.epochs}", disable=not progress, leave=False
         ):
             rows = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
             batch = train_set.batch(order[rows], flips[rows])
             with torch.autocast(target_device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                terms = _losses(model, batch, targets)
+                terms = _losses(model, batch, targets, descriptor_scale)
             optimizer.zero_grad(set_to_none=True)
             sum(weights[name] * value for name, value in terms.items()).backward()
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

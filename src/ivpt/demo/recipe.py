@@ -34,6 +34,9 @@ class PretrainRecipe:
             wrote the shipped weights; at 1, the first 16 x 16 file's weight, this term's gradient dominates
             the sum and teaches the tokens to drop what the pretraining classes do not need (the colour of
             the head among it), and the tokens of one part lie further apart.
+        part_appearance_weight: weight of the part-appearance term: every creature token predicts what its whole
+            part looks like (:func:`ivpt.demo.pretrain.part_descriptors`: colour, colour spread, texture,
+            shape), so that a part's tokens, pooled, describe it. 0 switches it off.
         token_stride: pixels per token side of the trained ViT (4: a 16 x 16 grid at 64 px, the shipped
             weights; 8: an 8 x 8 grid at a quarter of the transformer's cost; 2: 32 x 32).
     """
@@ -48,6 +51,7 @@ class PretrainRecipe:
     appearance: Literal["cell", "rich"] = "cell"
     appearance_weight: float = 1.0
     attribute_weight: float = 0.1
+    part_appearance_weight: float = 0.0
     token_stride: int = 4
 
 
