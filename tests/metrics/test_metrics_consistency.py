@@ -68,6 +68,25 @@ def test_concept_peaks_find_the_upsampled_maximum() -> None:
     assert (peaks[0, 0] - torch.tensor([10.5, 4.5])).abs().max() <= 0.5
 
 
+@pytest.mark.parametrize("map_size", [224, 37, 5])
+def test_concept_peaks_are_those_of_torchs_bicubic_upsampling(map_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F
+
+    from ivpt.metrics import consistency
+
+    generator = torch.Generator().manual_seed(0)
+    # Soft, nearly hard (plateaus of rounded 1.0: ties only float rounding decides), flat and non-square maps.
+    cases = [(torch.randn(6, 9, 16, 16, generator=generator) * scale).softmax(dim=1) for scale in (0.5, 5.0, 500.0)]
+    cases += [torch.zeros(2, 3, 16, 16), torch.full((1, 2, 7, 9), 0.25), torch.rand(3, 4, 5, 11, generator=generator)]
+    # Small groups of maps, so that groups end in the middle of an image's maps.
+    monkeypatch.setattr(consistency, "_PEAK_CHUNK_BYTES", 5 * 4 * map_size * map_size)
+    for maps in cases:
+        upsampled = F.interpolate(maps, size=(map_size, map_size), mode="bicubic", align_corners=False)
+        flat = upsampled.flatten(2).argmax(dim=2)
+        expected = torch.stack([flat % map_size, flat // map_size], dim=-1)
+        assert torch.equal(concept_peaks(maps, map_size=map_size), expected), tuple(maps.shape)
+
+
 def test_hit_box_is_inclusive_and_needs_visibility() -> None:
     maps = _delta_maps([[(10, 10)]])[:, :1]
     keypoints = _keypoints([[(13, 10, 1), (14, 10, 1), (7, 13, 1), (10, 10, 0), (6.9, 10, 1)]])
