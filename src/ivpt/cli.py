@@ -69,7 +69,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ivpt.demo import run_demo
 
-    run_demo(out_dir=args.out, fast=args.fast, backbone_file=args.backbone)
+    run_demo(out_dir=args.out, fast=args.fast, backbone_file=args.backbone, jobs=args.jobs)
     return 0
 
 
@@ -212,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="an 'ivpt pretrain-backbone' weight file to tune instead of the shipped one",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes that train and score the methods side by side, sharing the cores "
+        "(default: 2 with 2 cores or more; 1: one method after the other in this process)",
     )
 
     p = add("bench", _cmd_bench, "Benchmark a training step or inference against the bare backbone.")

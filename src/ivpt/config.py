@@ -130,6 +130,8 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     compile: bool = False
+    # Score best.pt's top-1 on the test split when training ends (false: leave it to ``ivpt eval``).
+    test_at_end: bool = True
 
 
 @dataclass

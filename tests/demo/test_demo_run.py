@@ -119,7 +119,7 @@ def test_demo_cli_checks_the_backbone_file_before_any_work(tmp_path: Path, capsy
 @pytest.mark.slow
 def test_fast_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    rows = run_demo(out, fast=True)
+    rows = run_demo(out, fast=True, jobs=2)
 
     results = json.loads((out / "results.json").read_text())
     assert results == json.loads(json.dumps(rows))
@@ -144,7 +144,38 @@ def test_fast_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert (out / "runs" / method / "best.pt").is_file()
         assert (out / "runs" / method / "metrics.json").is_file()
     printed = capsys.readouterr().out
-    assert printed.count("[demo 9/9] done") == 1
+    # Data, the three methods side by side (the baselines scored in their process), IVPT's scoring
+    # with every core, explain, report.
+    assert printed.count("[demo 5/5] done") == 1
     assert "generated" in printed
+    assert "  ivpt: trained in" in printed
+    for method in METHODS:
+        assert (out / "runs" / method / "demo.log").is_file()
+        if method != "ivpt":
+            assert f"  {method}: done: trained in" in printed
     timings = json.loads((out / "timings.json").read_text())
+    steps = {k: v for k, v in timings.items() if k not in ("total", "methods")}
+    assert len(steps) == 5
+    assert any(k.startswith("evaluate ivpt") for k in steps)
+    assert timings["total"] >= sum(steps.values()) - 1.0
+    side_by_side = next(v for k, v in steps.items() if "side by side" in k)
+    assert set(timings["methods"]) == set(METHODS)
+    assert set(timings["methods"]["ivpt"]) == {"train"}
+    for method in METHODS:
+        assert 0 < timings["methods"][method]["train"] < side_by_side
+
+
+@pytest.mark.slow
+def test_fast_demo_one_method_after_the_other(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    rows = run_demo(out, fast=True, methods=("ivpt", "linear_probe"), jobs=1)
+
+    assert list(rows) == ["ivpt", "linear_probe"]
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(rows))
+    printed = capsys.readouterr().out
+    # Data, train x 2, evaluate x 2, explain, report, each a step of its own; no worker processes.
+    assert printed.count("[demo 7/7] done") == 1
+    assert not list((out / "runs").glob("*/demo.log"))
+    timings = json.loads((out / "timings.json").read_text())
+    assert "methods" not in timings
     assert timings["total"] >= sum(v for k, v in timings.items() if k != "total") - 1.0

@@ -69,6 +69,15 @@ def test_two_epoch_run_writes_its_outputs_and_the_loss_falls(tiny_config) -> Non
 
 
 @pytest.mark.slow
+def test_test_at_end_false_leaves_the_test_split_to_ivpt_eval(tiny_config) -> None:
+    cfg = tiny_config("train.epochs=1", "data.val_fraction=0", "train.test_at_end=false")
+    summary = train(cfg, resume=None)
+    events = [r["event"] for r in read_log(Path(cfg.train.out_dir) / "log.jsonl")]
+    assert "test" not in events and events[-1] == "end"
+    assert summary["test_accuracy"] is None
+    assert Path(summary["best_checkpoint"]).is_file()
+
+
 def test_resume_continues_exactly(tiny_config, tmp_path: Path) -> None:
     straight = tiny_config(f"train.out_dir={tmp_path / 'straight'}")
     train(straight, resume=None)

@@ -100,6 +100,8 @@ COMMON_OVERRIDES: tuple[str, ...] = (
     "train.device=auto",
     "train.seed=42",
     "train.log_every_steps=5",
+    # The demo scores every checkpoint with ``ivpt eval``; the trainer's own test pass would repeat it.
+    "train.test_at_end=false",
     "eval.batch_size=64",
 )
 # What each method trains, and at which learning rates. The official recipe moves the prototypes at
@@ -279,6 +281,7 @@ def run_demo(
     *,
     methods: Sequence[str] = METHODS,
     backbone_file: str | Path | None = None,
+    jobs: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the demo (see the module docstring) into ``out_dir``.
 
@@ -291,14 +294,20 @@ def run_demo(
         fast: a much smaller run of the same steps, for smoke tests.
         methods: which of :data:`METHODS` to train and score (IVPT is always needed for the figures).
         backbone_file: another ``ivpt pretrain-backbone`` weight file to use instead of the shipped one.
+        jobs: worker processes that train and score the methods side by side (IVPT in one, the others
+            in the rest; :mod:`ivpt.demo.jobs` says why), the cores shared out between them; 1 runs
+            everything in this process, one method after the other. ``None``:
+            :func:`~ivpt.demo.jobs.default_jobs` (2 on a machine with 2 cores or more).
 
     Returns:
         ``results.json``'s content: method -> the :data:`TABLE_METRICS` (percent, ``None`` where the
         method has no concept maps or parts) and ``notes`` saying why any is ``None``.
 
     Raises:
-        IVPTError: ``out_dir`` is a file, the shipped backbone weights are missing, or ``methods`` is wrong.
+        IVPTError: ``out_dir`` is a file, the shipped backbone weights are missing, ``methods`` is wrong
+            or ``jobs`` is below 1.
     """
+    from ivpt.demo.jobs import available_cores, default_jobs, method_groups, run_in_parallel
     from ivpt.engine.evaluate import evaluate_checkpoint
     from ivpt.engine.trainer import train
     from ivpt.viz.explain import explain_files
@@ -315,8 +324,9 @@ def run_demo(
     else:
         backbone_file_overrides(backbone_file)  # a bad file fails here, before any work
     plan = FAST_PLAN if fast else FULL_PLAN
+    groups = method_groups(methods, default_jobs() if jobs is None else jobs)
     out.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(total=1 + 2 * len(methods) + 2)
+    steps = _Steps(total=1 + (2 * len(methods) if len(groups) == 1 else 2) + 2)
 
     data_root, generated = steps.run(
         f"synthetic data: {plan.num_classes} classes x {plan.per_class} images in {out / 'data'}",
@@ -329,22 +339,47 @@ def run_demo(
     )
     print("generated" if generated else "reused the existing data set (same settings)")
 
+    configs = {method: demo_config(method, plan, data_root, out / "runs" / method, backbone_file) for method in methods}
     checkpoints: dict[str, Path] = {}
-    configs: dict[str, Config] = {}
-    for method in methods:
-        cfg = demo_config(method, plan, data_root, out / "runs" / method, backbone_file)
-        configs[method] = cfg
-        summary = steps.run(f"train {method} (ivpt train -c {cfg.train.out_dir}/config.yaml)", train, cfg, None)
-        checkpoints[method] = Path(summary["best_checkpoint"])
-
     rows: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        results = steps.run(
-            f"evaluate {method} (ivpt eval --checkpoint {checkpoints[method]})",
-            evaluate_checkpoint,
-            checkpoints[method],
+    method_timings: dict[str, dict[str, float]] = {}
+    if len(groups) == 1:
+        for method, cfg in configs.items():
+            summary = steps.run(f"train {method} (ivpt train -c {cfg.train.out_dir}/config.yaml)", train, cfg, None)
+            checkpoints[method] = Path(summary["best_checkpoint"])
+        for method in methods:
+            results = steps.run(
+                f"evaluate {method} (ivpt eval --checkpoint {checkpoints[method]})",
+                evaluate_checkpoint,
+                checkpoints[method],
+            )
+            rows[method] = table_row(results)
+    else:
+        threads = max(1, available_cores() // len(groups))
+        outcomes = steps.run(
+            f"train {' | '.join(', '.join(g) for g in groups)} side by side and evaluate all but ivpt "
+            f"({len(groups)} processes x {threads} thread(s); the output of each run in "
+            f"{out / 'runs'}/<method>/demo.log)",
+            run_in_parallel,
+            configs,
+            groups,
+            threads,
+            train_only=("ivpt",),
         )
-        rows[method] = table_row(results)
+        for method, outcome in outcomes.items():
+            checkpoints[method] = Path(outcome.checkpoint)
+            results = outcome.results
+            if results is None:
+                # Every core is free again: score the longest job here rather than on one of them.
+                results = steps.run(
+                    f"evaluate {method} (ivpt eval --checkpoint {outcome.checkpoint})",
+                    evaluate_checkpoint,
+                    outcome.checkpoint,
+                )
+            rows[method] = table_row(results)
+            method_timings[method] = {"train": round(outcome.train_seconds, 1)}
+            if outcome.results is not None:
+                method_timings[method]["evaluate"] = round(outcome.eval_seconds, 1)
 
     images = _explain_candidates(configs["ivpt"], plan.explain_images)
     figures = steps.run(
@@ -364,7 +399,10 @@ def run_demo(
     )
 
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    timings = {**steps.timings, "total": round(steps.elapsed, 1)}
+    # The steps' wall-clock times sum to the total; side by side, each method's own times are given apart.
+    timings: dict[str, Any] = {**steps.timings, "total": round(steps.elapsed, 1)}
+    if method_timings:
+        timings["methods"] = method_timings
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print("\n" + format_results(rows))
     print(f"\nexplanations: {', '.join(str(path) for path in figures)}")

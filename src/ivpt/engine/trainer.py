@@ -85,7 +85,8 @@ def train(cfg: Config, resume: str | None = "auto") -> dict[str, Any] | None:
 
     Returns:
         ``final_train_loss`` (mean total loss of the last logged interval), ``best_val_accuracy``,
-        ``test_accuracy`` (of ``best.pt``, measured once after training), ``steps``, ``epochs`` and the
+        ``test_accuracy`` (of ``best.pt``, measured once after training; ``None`` with
+        ``train.test_at_end=false``), ``steps``, ``epochs`` and the
         paths ``out_dir``, ``last_checkpoint``, ``best_checkpoint``, ``log``.
     """
     validate(cfg)
@@ -384,7 +385,7 @@ class Trainer:
         """Score ``best.pt`` on the test split (accuracy only; it chose nothing) and summarise."""
         test_accuracy = None
         # Rank 0 alone: the file may exist only on its node, and one accuracy needs no sharding.
-        if self.ctx.is_main and self.best_path.exists():
+        if self.ctx.is_main and self.cfg.train.test_at_end and self.best_path.exists():
             best = read_checkpoint(self.best_path)
             load_model_state(self.model, best["model"], self.best_path)
             metrics = evaluate(self.model, self.cfg, ("accuracy",), self.ctx.device, split="test")
