@@ -14,9 +14,9 @@ process with all its threads.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ivpt.config import Config
+from ivpt.engine.logger import read_log
 from ivpt.errors import IVPTError
 
 # Name of each worker's captured console output, in its run folder.
@@ -112,20 +113,16 @@ def _run_group(group: list[tuple[str, Config]], threads: int, evaluate: bool) ->
 def _training_progress(log_path: Path, since: float) -> tuple[int, int, bool]:
     """``(steps per epoch, last logged step, finished)`` of the run logging to ``log_path``.
 
-    Events older than ``since`` belong to an earlier run in the same folder and are skipped; a line
-    being written at this moment is skipped too.
+    Events older than ``since`` belong to an earlier run in the same folder and are skipped, and so
+    (by :func:`~ivpt.engine.logger.read_log`) is a line being written at this moment.
     """
     per_epoch = step = 0
     finished = False
     try:
-        lines = log_path.read_text(encoding="utf-8").splitlines()
-    except OSError:
+        events = read_log(log_path)
+    except OSError:  # not written yet
         return per_epoch, step, finished
-    for line in lines:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for event in events:
         if event.get("time", 0.0) < since:
             continue
         if event.get("event") == "start":
@@ -219,8 +216,6 @@ class _Watch:
     """
 
     def __init__(self, configs: dict[str, Config], since: float, enabled: bool = True) -> None:
-        import sys
-
         from tqdm.auto import tqdm
 
         self.configs = configs
@@ -237,6 +232,8 @@ class _Watch:
 
     def update(self, outcomes: dict[str, MethodOutcome]) -> None:
         for method, state in self.states.items():
+            if state.phase == "done":  # shown as done already; its log no longer changes
+                continue
             cfg = self.configs[method]
             per_epoch, step, finished = _training_progress(Path(cfg.train.out_dir) / "log.jsonl", self.since)
             if per_epoch and not state.steps:
