@@ -15,6 +15,25 @@ from ivpt.config import Config, load_config
 # shipped inside the package; any attempt to reach the model hub fails at once instead of waiting.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _no_download(*args: object, **kwargs: object) -> None:
+    raise RuntimeError(f"tests must not download weights (asked for {args[0] if args else kwargs})")
+
+
+def _block_url_downloads() -> None:
+    """HF_HUB_OFFLINE covers the Hugging Face hub only; timm's older weights come through torch.hub URLs.
+
+    timm is imported here, after HF_HUB_OFFLINE is set: huggingface_hub reads it when first imported.
+    """
+    import timm.models._builder
+
+    torch.hub.load_state_dict_from_url = _no_download
+    torch.hub.download_url_to_file = _no_download
+    timm.models._builder.load_state_dict_from_url = _no_download
+
+
+_block_url_downloads()
+
 # The test models are tiny: extra threads only add synchronisation, and on a shared machine a busy
 # neighbour core makes every intra-op barrier wait (evaluations ran 40x slower with two threads).
 torch.set_num_threads(1)

@@ -106,3 +106,16 @@ def test_public_key_names_are_stable():
     for key in keys:
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name), key
+
+
+def test_the_suite_cannot_download_weights():
+    """conftest.py blocks the URL downloads HF_HUB_OFFLINE does not cover."""
+    import os
+
+    import timm.models._builder
+    import torch
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    for download in (torch.hub.load_state_dict_from_url, timm.models._builder.load_state_dict_from_url):
+        with pytest.raises(RuntimeError, match="tests must not download weights"):
+            download("https://example.invalid/weights.pth")
