@@ -67,6 +67,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from ivpt.demo.jobs import default_jobs, start_workers
+
+    if (default_jobs() if args.jobs is None else args.jobs) > 1:
+        start_workers()  # the workers' imports then overlap with this process's own
     from ivpt.demo import run_demo
 
     run_demo(out_dir=args.out, fast=args.fast, backbone_file=args.backbone, jobs=args.jobs)

@@ -102,3 +102,21 @@ def test_a_worker_that_died_is_reported_with_the_likely_causes(tmp_path: Path) -
     assert "worker process for vpt_deep died" in message
     assert "if __name__ == '__main__':" in message and "jobs=1" in message
     assert str(tmp_path / "runs" / "vpt_deep" / "demo.log") in message
+
+
+def test_workers_start_with_the_training_code_already_imported() -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ivpt.demo.jobs import start_workers
+
+    context = start_workers()
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        assert context.get_start_method() == "spawn"
+        return
+    assert context.get_start_method() == "forkserver"
+    assert start_workers() is context
+    # A builtin as the job: unpickling it imports nothing, so the worker shows what it started with.
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        preloaded = pool.submit(eval, "sorted(m for m in __import__('sys').modules if m.startswith('ivpt.engine.'))")
+        assert {"ivpt.engine.trainer", "ivpt.engine.evaluate"} <= set(preloaded.result(timeout=120))

@@ -78,6 +78,14 @@ def test_concept_peaks_are_those_of_torchs_bicubic_upsampling(map_size: int, mon
     # Soft, nearly hard (plateaus of rounded 1.0: ties only float rounding decides), flat and non-square maps.
     cases = [(torch.randn(6, 9, 16, 16, generator=generator) * scale).softmax(dim=1) for scale in (0.5, 5.0, 500.0)]
     cases += [torch.zeros(2, 3, 16, 16), torch.full((1, 2, 7, 9), 0.25), torch.rand(3, 4, 5, 11, generator=generator)]
+    # A concept that is nowhere (tiny values with one clear peak), large and negative values, noise-like
+    # maps with many near-peaks, and non-finite values (torch's kernel puts the peak on the first NaN).
+    soft = (torch.randn(4, 6, 16, 16, generator=generator) * 2.0).softmax(dim=1)
+    cases += [soft * 1e-6, soft * 1e3 - 200.0, 1.0 + 1e-3 * torch.rand(4, 6, 16, 16, generator=generator)]
+    special = soft.clone()
+    special[0, 0, 3, 4] = float("nan")
+    special[1, 2, 9, 1] = float("inf")
+    cases.append(special)
     # Small groups of maps, so that groups end in the middle of an image's maps.
     monkeypatch.setattr(consistency, "_PEAK_CHUNK_BYTES", 5 * 4 * map_size * map_size)
     for maps in cases:
@@ -85,6 +93,30 @@ def test_concept_peaks_are_those_of_torchs_bicubic_upsampling(map_size: int, mon
         flat = upsampled.flatten(2).argmax(dim=2)
         expected = torch.stack([flat % map_size, flat // map_size], dim=-1)
         assert torch.equal(concept_peaks(maps, map_size=map_size), expected), tuple(maps.shape)
+
+
+def test_concept_peaks_resolve_faint_maps_without_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F
+
+    from ivpt.metrics import consistency
+
+    generator = torch.Generator().manual_seed(1)
+    # The maps of concepts that are absent from an image: every value near 1e-7, one peak all the same.
+    faint = (torch.randn(8, 5, 16, 16, generator=generator) * 3.0).softmax(dim=1) * 1e-6
+    upsampled = F.interpolate(faint, size=(224, 224), mode="bicubic", align_corners=False)
+    flat = upsampled.flatten(2).argmax(dim=2)
+    expected = torch.stack([flat % 224, flat // 224], dim=-1)
+    consistency.concept_peaks(faint[:1])  # fills the caches of weights, which F.interpolate reads off
+    calls: list[int] = []
+    real_interpolate = F.interpolate
+
+    def counting_interpolate(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real_interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(consistency.F, "interpolate", counting_interpolate)
+    assert torch.equal(consistency.concept_peaks(faint), expected)
+    assert not calls
 
 
 def test_hit_box_is_inclusive_and_needs_visibility() -> None:

@@ -6,6 +6,11 @@ workers (IVPT in one, VPT-Deep then the linear probe in the other) still slow ea
 two cores the demo gains about 13 % over one two-threaded process doing the methods in turn (README,
 "The demo's time"). IVPT's job only trains; the caller scores it with every core afterwards.
 
+Where the platform has it (Linux, macOS), the workers fork from a ``forkserver`` process that has
+imported the training code once: :func:`start_workers` starts it while the caller does other work (the
+demo draws its data set meanwhile), so the workers begin at once instead of each spending several
+seconds on imports. Elsewhere they are spawned.
+
 The numbers a run gives depend slightly on the thread count (floating-point sums are split
 differently), as with any PyTorch program; ``ivpt demo --jobs 1`` runs everything in the calling
 process with all its threads.
@@ -22,6 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,8 @@ from ivpt.errors import IVPTError
 WORKER_LOG = "demo.log"
 # How often the parent re-reads the runs' training logs to move the progress bars.
 _POLL_SECONDS = 1.0
+# What every worker needs (torch and timm come with them): the fork server imports them once.
+_WORKER_MODULES = ("ivpt.engine.trainer", "ivpt.engine.evaluate")
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,23 @@ def available_cores() -> int:
 def default_jobs() -> int:
     """Worker processes ``ivpt demo`` uses unless told: 2 where there are 2 cores or more, else 1."""
     return min(2, available_cores())
+
+
+def start_workers() -> BaseContext:
+    """The start method of the demo's workers, its fork server already starting if it has one.
+
+    ``forkserver`` where the platform offers it: the server imports the training code in the
+    background, so call this early, before other work. ``spawn`` elsewhere. Calling it again returns the
+    same context and leaves a running server as it is.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(_WORKER_MODULES))
+    forkserver.ensure_running()
+    return context
 
 
 def method_groups(methods: Sequence[str], jobs: int) -> list[list[str]]:
@@ -139,7 +164,9 @@ def run_in_parallel(
     progress: bool = True,
     train_only: Sequence[str] = (),
 ) -> dict[str, MethodOutcome]:
-    """Run each group of methods in its own spawned process with ``threads`` intra-op threads.
+    """Run each group of methods in its own worker process with ``threads`` intra-op threads.
+
+    The workers come from :func:`start_workers` (forked from its server where there is one).
 
     While they run, the parent follows each method's ``log.jsonl`` (:class:`_Watch`). A failing job
     stops the demo with its error and the path of its ``demo.log``.
@@ -155,7 +182,7 @@ def run_in_parallel(
     watch = _Watch(configs, since=time.time(), enabled=progress)
     outcomes: dict[str, MethodOutcome] = {}
     try:
-        with ProcessPoolExecutor(max_workers=len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=len(groups), mp_context=start_workers()) as pool:
             futures: dict[Future[list[MethodOutcome]], list[str]] = {
                 pool.submit(
                     _run_group, [(m, configs[m]) for m in group], threads, not set(group) & set(train_only)
@@ -183,8 +210,8 @@ def _outcomes_of(
         raise
     except BrokenProcessPool as error:
         # What a worker dies of before it can report: killed (out of memory), or the caller's script
-        # re-ran the demo in the worker because its top level lacks a __main__ guard (spawned workers
-        # import the main script, as with any multiprocessing code).
+        # re-ran the demo in the worker because its top level lacks a __main__ guard (spawned and
+        # fork-server workers import the main script, as with any multiprocessing code).
         raise RuntimeError(
             f"demo: the worker process for {', '.join(group)} died ({error}). If you call run_demo from a "
             "script, put the call under `if __name__ == '__main__':`, or pass jobs=1 to run everything in "
@@ -283,5 +310,6 @@ __all__ = [
     "default_jobs",
     "method_groups",
     "run_in_parallel",
+    "start_workers",
     "train_and_score",
 ]

@@ -307,7 +307,7 @@ def run_demo(
         IVPTError: ``out_dir`` is a file, the shipped backbone weights are missing, ``methods`` is wrong
             or ``jobs`` is below 1.
     """
-    from ivpt.demo.jobs import available_cores, default_jobs, method_groups, run_in_parallel
+    from ivpt.demo.jobs import available_cores, default_jobs, method_groups, run_in_parallel, start_workers
     from ivpt.engine.evaluate import evaluate_checkpoint
     from ivpt.engine.trainer import train
     from ivpt.viz.explain import explain_files
@@ -326,6 +326,8 @@ def run_demo(
     plan = FAST_PLAN if fast else FULL_PLAN
     groups = method_groups(methods, default_jobs() if jobs is None else jobs)
     out.mkdir(parents=True, exist_ok=True)
+    if len(groups) > 1:
+        start_workers()  # their imports then overlap with drawing the data set
     steps = _Steps(total=1 + (2 * len(methods) if len(groups) == 1 else 2) + 2)
 
     data_root, generated = steps.run(

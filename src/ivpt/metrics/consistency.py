@@ -37,12 +37,15 @@ def keypoints_to_frame(points_xy: Tensor, input_size: int | Sequence[int], frame
     return (points_xy.float() + 0.5) * scale - 0.5
 
 
-# Upsampled values within this distance of a map's maximum count as possible peaks. The separable product
-# of :func:`concept_peaks` differs from torch's 2-D bicubic kernel by a few 1e-7 (float32 rounding); a margin
-# well above twice that makes "a single candidate" proof that both kernels have the same argmax.
+# Upsampled values within this distance of a map's maximum count as possible peaks, in units of the map's
+# largest absolute value (plus the smallest normal float, for maps of denormals). The products of
+# :func:`concept_peaks` differ from torch's 2-D bicubic kernel by a few 1e-7 of that (float32 rounding of
+# 16 weighted terms); a margin well above twice that makes "a single candidate" proof that both kernels
+# have the same argmax. Relative, because a map of a concept that is nowhere (all values near 1e-6, say)
+# still has one clear peak.
 _PEAK_MARGIN = 1e-5
-# Maps upsampled at a time: about this many bytes of upsampled values, so that they stay in the CPU's cache
-# between the product that writes them and the maximum that reads them.
+# Maps searched at a time: about this many bytes of intermediate values, so that they stay in the CPU's
+# cache between the products that write them and the reductions that read them.
 _PEAK_CHUNK_BYTES = 4 << 20
 
 
@@ -58,12 +61,79 @@ def _bicubic_matrix(size_in: int, size_out: int, device: torch.device) -> Tensor
     return rows.view(size_in, size_out).t().contiguous()
 
 
+@functools.lru_cache(maxsize=16)
+def _row_bound_weights(size_in: int, size_out: int, device: torch.device) -> tuple[int, Tensor, Tensor]:
+    """What :func:`_flat_peaks` needs to bound each upsampled row's maximum from the row's taps.
+
+    The output columns of :func:`_bicubic_matrix` fall into ``G`` groups that read the same source
+    pixels (taps).
+
+    Returns:
+        ``window``, the most taps a group reads; ``pick (size_in - window + 1, G)``, which takes for
+        each group the sliding maximum of ``window`` source values that covers its taps, times
+        ``1 - sum_q lowest[q, g]``; and ``lowest (size_in, G)``, the smallest weight a member of the
+        group gives each source pixel (0 outside its taps).
+    """
+    matrix = _bicubic_matrix(size_in, size_out, torch.device("cpu"))
+    supports: list[list[int]] = []
+    members: list[list[int]] = []
+    for out_index, weights in enumerate(matrix):
+        support = weights.nonzero().flatten().tolist()
+        if not supports or supports[-1] != support:
+            supports.append(support)
+            members.append([])
+        members[-1].append(out_index)
+    window = max(support[-1] - support[0] + 1 for support in supports)
+    lowest = torch.stack([matrix[group].amin(dim=0) for group in members], dim=1)  # (size_in, G)
+    pick = torch.zeros(size_in - window + 1, len(supports))
+    for group, support in enumerate(supports):
+        pick[max(support[-1] - window + 1, 0), group] = 1 - lowest[:, group].sum()
+    return window, pick.to(device), lowest.to(device)
+
+
+def _sliding_max(values: Tensor, window: int) -> Tensor:
+    """``(N, w)`` -> ``(N, w - window + 1)``: entry ``p`` is the maximum of ``values[:, p : p + window]``."""
+    span = 1
+    while 2 * span <= window:
+        values = torch.maximum(values[:, :-span], values[:, span:])
+        span *= 2
+    rest = window - span
+    return torch.maximum(values[:, :-rest], values[:, rest:]) if rest else values
+
+
 def _flat_peaks(maps: Tensor, rows: Tensor, columns: Tensor, map_size: int) -> Tensor:
-    """``(M, h, w)`` maps -> ``(M,)`` flat index of the first maximum of each upsampled map."""
-    upsampled = (rows @ maps @ columns.t()).flatten(1)  # (M, map_size**2)
-    best = upsampled.max(dim=1, keepdim=True)
-    flat_index = best.indices[:, 0]
-    (ambiguous,) = ((upsampled >= best.values - _PEAK_MARGIN).sum(dim=1) > 1).nonzero(as_tuple=True)
+    """``(M, h, w)`` maps -> ``(M,)`` flat index of the first maximum of each upsampled map.
+
+    Each map is upsampled along the height (one small product), and along the width only in the rows
+    that can hold its maximum. The output columns of one group read the same taps with weights that
+    sum to 1, so for a row signal ``v`` and any ``r >= max(v)`` over those taps, each of their values
+    ``r + sum_q C[j, q] (v[q] - r)`` is at most ``r + sum_q min_j C[j, q] (v[q] - r)``: the largest tap
+    plus the kernel's overshoot. A row whose bound falls below a value already found (the maximum of
+    the best-bounded row) by more than twice the margin (:data:`_PEAK_MARGIN`) holds no pixel within
+    the margin of the maximum.
+    """
+    count, height, width = maps.shape
+    device = maps.device
+    window, pick, lowest = _row_bound_weights(width, map_size, device)
+    # (map_size, M, w): the maps upsampled along the height, in one product.
+    half = (rows @ maps.transpose(0, 1).reshape(height, count * width)).view(map_size, count, width)
+    signals = half.view(map_size * count, width)
+    bound = torch.addmm(signals @ lowest, _sliding_max(signals, window), pick)
+    bound = bound.amax(dim=1).view(map_size, count).t()
+    margin = _PEAK_MARGIN * maps.flatten(1).abs().amax(dim=1) + torch.finfo(maps.dtype).tiny  # (M,)
+    best_row = half[bound.argmax(dim=1), torch.arange(count, device=device)]  # (M, w)
+    found = (best_row @ columns.t()).amax(dim=1)
+    map_index, row_index = (bound >= (found - 2 * margin)[:, None]).nonzero(as_tuple=True)
+    values = half[row_index, map_index] @ columns.t()  # (N, map_size): the candidate rows, upsampled
+    peak = torch.full((count,), -torch.inf, device=device)
+    peak = peak.scatter_reduce(0, map_index, values.amax(dim=1), reduce="amax")
+    near = values >= (peak - margin)[map_index, None]
+    near_count = torch.zeros(count, dtype=torch.long, device=device).index_add_(0, map_index, near.sum(dim=1))
+    hit, column = near.nonzero(as_tuple=True)
+    flat_index = torch.zeros(count, dtype=torch.long, device=device)
+    flat_index[map_index[hit]] = row_index[hit] * map_size + column
+    # Non-finite maps too: their peak is wherever torch's kernel puts the first NaN or infinity.
+    (ambiguous,) = ((near_count > 1) | ~margin.isfinite()).nonzero(as_tuple=True)
     if ambiguous.numel():
         exact = F.interpolate(maps[ambiguous, None], size=(map_size, map_size), mode="bicubic", align_corners=False)
         flat_index[ambiguous] = exact.flatten(1).argmax(dim=1)
@@ -74,10 +144,11 @@ def concept_peaks(maps: Tensor, map_size: int = 224) -> Tensor:
     """Peak of each map after bicubic upsampling to ``map_size x map_size``.
 
     The peaks are exactly those of ``F.interpolate(maps, mode="bicubic", align_corners=False)``, computed
-    faster: bicubic resampling is separable, so each upsampled map is two small matrix products, done a
-    cache-sized group of maps at a time. Where a product leaves more than one pixel within
-    :data:`_PEAK_MARGIN` of its maximum (flat or saturated maps, whose argmax float rounding decides),
-    that map is upsampled again by ``F.interpolate`` itself.
+    faster: bicubic resampling is separable, so each map is upsampled along the height by one small
+    matrix product, and along the width only in the rows that a bound shows can hold its maximum, a
+    cache-sized group of maps at a time. Where more than one pixel lies within :data:`_PEAK_MARGIN` of
+    the maximum (flat or saturated maps, whose argmax float rounding decides), that map is upsampled
+    again by ``F.interpolate`` itself.
 
     Args:
         maps: ``(B, K, h, w)`` concept maps.
@@ -91,7 +162,7 @@ def concept_peaks(maps: Tensor, map_size: int = 224) -> Tensor:
     flat = maps.float().reshape(batch * channels, height, width)
     rows = _bicubic_matrix(height, map_size, flat.device)
     columns = _bicubic_matrix(width, map_size, flat.device)
-    chunk = max(1, _PEAK_CHUNK_BYTES // (4 * map_size * map_size))
+    chunk = max(1, _PEAK_CHUNK_BYTES // (4 * map_size * width))
     flat_index = torch.cat(
         [_flat_peaks(flat[start : start + chunk], rows, columns, map_size) for start in range(0, len(flat), chunk)]
     ).view(batch, channels)
