@@ -128,6 +128,7 @@ class TrainConfig:
     log_every_steps: int = 10
     eval_every_epochs: int = 1
     tensorboard: bool = False
+    # Progress bars of ``ivpt train`` and of the passes of ``ivpt eval`` (the latter on a terminal only).
     progress: bool = True
     compile: bool = False
     # Score best.pt's top-1 on the test split when training ends (false: leave it to ``ivpt eval``).

@@ -168,3 +168,35 @@ def test_cli_eval_writes_the_requested_metrics(checkpoint: Path, tmp_path: Path,
     assert set(written["per_stage"]) == {"0", "1", "2"}
     assert all(isinstance(stage["kpr"], float) and stage["nmi"] is None for stage in written["per_stage"].values())
     assert str(out / "metrics.json") in capsys.readouterr().out
+
+
+class _Terminal:
+    """A text stream that says it is a terminal, as tqdm asks."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(
+    ("tty", "progress_key", "shown"), [(True, "true", True), (False, "true", False), (True, "false", False)]
+)
+def test_eval_shows_a_bar_per_pass_on_a_terminal(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tty: bool, progress_key: str, shown: bool
+) -> None:
+    stream = _Terminal(tty)
+    monkeypatch.setattr("sys.stderr", stream)
+    evaluate_checkpoint(checkpoint, [f"train.progress={progress_key}"], out_dir=tmp_path / "eval")
+    text = "".join(stream.parts)
+    for bar in ("ivpt eval: test split", "test split, cropped to the boxes", "train split, for the KPR regressors"):
+        assert (bar in text) is shown, (bar, text[:200])

@@ -100,6 +100,7 @@ def evaluate(
     *,
     split: str = "test",
     ctx: DistributedContext | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Score ``model`` on the data set of ``cfg`` (see the module docstring for the protocols).
 
@@ -110,6 +111,7 @@ def evaluate(
         device: where to compute (default: the model's device).
         split: the split scored by accuracy and the part metrics (the trainer passes ``"val"``).
         ctx: the distributed context; batches are shared among its ranks. ``None``: this process alone.
+        progress: a progress bar per pass over the data (on the main rank, when stderr is a terminal).
 
     Returns:
         Every key of :data:`HEADLINE_KEYS` (``None`` when not computed), ``per_stage`` (stage index ->
@@ -125,7 +127,7 @@ def evaluate(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             names = resolve_metrics(metrics, cfg)
-            return _Evaluation(net, cfg, names, device, split, ctx or DistributedContext()).run()
+            return _Evaluation(net, cfg, names, device, split, ctx or DistributedContext(), progress).run()
         finally:
             net.train(was_training)
 
@@ -141,6 +143,7 @@ class _Evaluation:
         device: torch.device,
         split: str,
         ctx: DistributedContext,
+        progress: bool = False,
     ) -> None:
         from ivpt.data import build_dataset, load_annotations
 
@@ -149,6 +152,7 @@ class _Evaluation:
         self.device = device
         self.split = split
         self.ctx = ctx
+        self.progress = progress and ctx.is_main
         self.notes: list[str] = []
         self.annotations = load_annotations(cfg.data)
         self.dataset = build_dataset(cfg, split, train_transform=False, annotations=self.annotations)
@@ -240,8 +244,13 @@ class _Evaluation:
         with autocast_context(self.device, self.cfg.train.precision):
             return self.model(images.to(self.device, non_blocking=True))
 
-    def _batches(self, dataset: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-        """``(batch number, batch)`` of this rank's share: the same batches as a single process makes."""
+    def _batches(self, dataset: Any, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(batch number, batch)`` of this rank's share: the same batches as a single process makes.
+
+        ``what`` names the pass on its progress bar.
+        """
+        from tqdm import tqdm
+
         size = self.cfg.eval.batch_size
         batches = [list(range(start, min(start + size, len(dataset)))) for start in range(0, len(dataset), size)]
         mine = list(range(self.ctx.rank, len(batches), self.ctx.world_size))
@@ -251,7 +260,16 @@ class _Evaluation:
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        yield from zip(mine, loader, strict=True)
+        # disable=None: tqdm shows the bar only on a terminal, so logs get the final table alone.
+        yield from tqdm(
+            zip(mine, loader, strict=True),
+            total=len(mine),
+            desc=f"ivpt eval: {what}",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            disable=None if self.progress else True,
+        )
 
     def _generator(self, stream: int, batch_number: int) -> torch.Generator:
         return torch.Generator().manual_seed(sample_seed(self.cfg.eval.seed + stream, 0, batch_number))
@@ -291,7 +309,7 @@ class _Evaluation:
             dataset = build_dataset(
                 self.cfg, self.split, train_transform=False, with_masks=True, annotations=self.annotations
             )
-        for number, batch in self._batches(dataset):
+        for number, batch in self._batches(dataset, f"{self.split} split"):
             images = batch["image"].to(self.device, non_blocking=True)
             out = self._forward(images)
             if "accuracy" in meters:
@@ -340,7 +358,7 @@ class _Evaluation:
         cropped = build_dataset(
             self.cfg, self.split, train_transform=False, bbox_crop=True, annotations=self.annotations
         )
-        for number, batch in self._batches(cropped):
+        for number, batch in self._batches(cropped, f"{self.split} split, cropped to the boxes"):
             images = batch["image"].to(self.device, non_blocking=True)
             clean = self._forward(images).concept_maps
             noisy = None
@@ -367,7 +385,7 @@ class _Evaluation:
 
         meters = self._per_stage(lambda k: KeypointRegressionMeter(k - 1, self.num_keypoints))
         train_full = build_dataset(self.cfg, "train_full", train_transform=False, annotations=self.annotations)
-        for _, batch in self._batches(train_full):
+        for _, batch in self._batches(train_full, "train split, for the KPR regressors"):
             out = self._forward(batch["image"])
             for stage, maps in enumerate(out.concept_maps):
                 meters[stage].update(maps.float(), batch["keypoints"], batch["bbox"], self.img_size)
@@ -408,6 +426,8 @@ def evaluate_checkpoint(
         metrics: subset of :data:`METRIC_NAMES` (default ``eval.metrics`` of the config).
         out_dir: where ``metrics.json`` goes (default: the checkpoint's folder).
 
+    A progress bar follows each pass over the data on a terminal, unless ``train.progress=false``.
+
     Returns:
         The results of :func:`evaluate` plus ``checkpoint`` (its path).
 
@@ -424,7 +444,9 @@ def evaluate_checkpoint(
     try:
         model.to(ctx.device)
         _check_classes(cfg, info["class_names"], checkpoint)
-        results = evaluate(model, cfg, resolved_metrics, ctx.device, split="test", ctx=ctx)
+        results = evaluate(
+            model, cfg, resolved_metrics, ctx.device, split="test", ctx=ctx, progress=cfg.train.progress
+        )
         results["checkpoint"] = str(checkpoint)
         if ctx.is_main:
             target = Path(out_dir) if out_dir is not None else checkpoint.parent
