@@ -208,6 +208,24 @@ def test_foreground_iou_edge_cases() -> None:
     assert meter.merge(meter.empty_like()).state_tensors()[-1].item() == 4  # pixels
 
 
+def test_foreground_is_where_the_first_maximum_is_not_the_background() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # Ties (a foreground channel equal to the background wins, as argmax takes the first maximum), NaN
+    # in a foreground channel (argmax's maximum) and in the background, and a background-only map.
+    maps = torch.randint(0, 3, (4, 4, 6, 6), generator=generator).float()
+    maps[0, 1, 0, 0] = float("nan")
+    maps[1, 3, 2, 2] = float("nan")
+    masks = torch.rand(4, 6, 6, generator=generator)
+    for channels in (maps, maps[:, -1:]):
+        meter = ForegroundIoUMeter()
+        meter.update(channels, masks)
+        upsampled = F.interpolate(channels, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        predicted = upsampled.argmax(dim=1) != channels.shape[1] - 1
+        truth = masks > 0.5
+        assert int(meter.intersection) == int((predicted & truth).sum())
+        assert int(meter.union) == int((predicted | truth).sum())
+
+
 def test_fg_missed_tells_a_background_that_took_the_object_from_spilling_concepts() -> None:
     masks = torch.zeros(1, 4, 4)
     masks[0, 1:3, 1:3] = 1.0  # a 2 x 2 object in the middle

@@ -87,7 +87,9 @@ def pool_regions(maps: Tensor, patch_features: Tensor, hard: bool = True) -> Poo
     """
     weights = maps.flatten(2)
     if hard:
-        winner = torch.zeros_like(weights).scatter_(1, weights.argmax(dim=1, keepdim=True), 1.0)
+        # The argmax over K on a (B, n, K) copy: along a strided dimension it is several times slower.
+        best = weights.detach().transpose(1, 2).contiguous().argmax(dim=2)  # (B, n)
+        winner = torch.zeros_like(weights).scatter_(1, best.unsqueeze(1), 1.0)
         weights = weights * winner
     mass = weights.sum(dim=2)
     # One (B,K,n)x(B,n,D) contraction; never a (B, D, K, h, w) product.
