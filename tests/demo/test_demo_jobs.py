@@ -120,3 +120,19 @@ def test_workers_start_with_the_training_code_already_imported() -> None:
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         preloaded = pool.submit(eval, "sorted(m for m in __import__('sys').modules if m.startswith('ivpt.engine.'))")
         assert {"ivpt.engine.trainer", "ivpt.engine.evaluate"} <= set(preloaded.result(timeout=120))
+
+
+def test_workers_are_spawned_where_the_fork_server_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    from ivpt.demo.jobs import start_workers
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("this platform has no fork server")
+
+    def refuse() -> None:
+        raise PermissionError("socket: operation not permitted")
+
+    monkeypatch.setattr(forkserver, "ensure_running", refuse)
+    assert start_workers().get_start_method() == "spawn"

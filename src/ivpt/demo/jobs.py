@@ -80,7 +80,10 @@ def start_workers() -> BaseContext:
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(_WORKER_MODULES))
-    forkserver.ensure_running()
+    try:
+        forkserver.ensure_running()
+    except OSError:  # no Unix socket for the server here (a locked-down sandbox): spawn instead
+        return multiprocessing.get_context("spawn")
     return context
 
 
