@@ -140,6 +140,18 @@ def test_fast_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     with Image.open(figures[0]) as figure:
         assert figure.size == (1600, 900)
     assert (out / "report" / "index.html").read_text().lstrip().lower().startswith("<!doctype html")
+    # The report's statistics came from IVPT's scoring pass: the same page as `ivpt report` makes alone.
+    from ivpt.viz.report import build_report
+
+    alone = build_report(out / "runs" / "ivpt" / "best.pt", out_dir=tmp_path / "alone", top_k=FAST_PLAN.top_k)
+    undated = [
+        re.sub(r"Written [0-9-]+ [0-9:]+", "", page.read_text()) for page in (out / "report" / "index.html", alone)
+    ]
+    assert undated[0] == undated[1]
+    strips = sorted((out / "report" / "img" / "gallery").iterdir())
+    assert strips and [p.name for p in strips] == sorted(p.name for p in (alone.parent / "img" / "gallery").iterdir())
+    for strip in strips:
+        assert strip.read_bytes() == (alone.parent / "img" / "gallery" / strip.name).read_bytes()
     for method in METHODS:
         assert (out / "runs" / method / "best.pt").is_file()
         assert (out / "runs" / method / "metrics.json").is_file()

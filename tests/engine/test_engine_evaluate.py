@@ -85,6 +85,28 @@ def test_accuracy_matches_a_direct_count(checkpoint: Path) -> None:
     assert any(note.startswith("not requested: consistency") for note in results["notes"])
 
 
+@pytest.mark.parametrize("metrics", [["accuracy", "fg_iou"], ["consistency"]])
+def test_observer_sees_every_forward_of_the_scored_split(checkpoint: Path, metrics: list[str]) -> None:
+    """Once per test image with the model's own output, also when no metric needs that pass."""
+    from ivpt.data import build_dataset
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    test_set = build_dataset(cfg, "test")
+    seen: dict[int, torch.Tensor] = {}
+
+    def observe(output, batch) -> None:
+        for position, index in enumerate(batch["index"].tolist()):
+            assert index not in seen
+            seen[index] = output.logits[position]
+            assert int(batch["label"][position]) == test_set[index]["label"]
+
+    evaluate(model, cfg, metrics, observe=observe)
+    assert sorted(seen) == list(range(len(test_set)))
+    with torch.no_grad():
+        direct = model(torch.stack([test_set[i]["image"] for i in (0, len(test_set) - 1)])).logits
+    torch.testing.assert_close(torch.stack([seen[0], seen[len(test_set) - 1]]), direct)
+
+
 def test_stage_selection_and_clamping(checkpoint: Path, tmp_path: Path) -> None:
     results = evaluate_checkpoint(checkpoint, ["eval.stage=-5"], metrics=["part_discovery"], out_dir=tmp_path / "a")
     assert results["stage"] == 0

@@ -125,6 +125,16 @@ def test_crop_box_larger_than_the_image_is_the_image() -> None:
     assert crop_box(3, (2, 2), (20, 30), 50) == (0, 0, 20, 30)
 
 
+def test_save_image_writes_the_exact_pixels(tmp_path: Path) -> None:
+    from ivpt.viz.drawing import save_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(13, 29, 3), dtype=np.uint8)
+    path = save_image(pixels, tmp_path / "sub" / "strip.png")
+    with Image.open(path) as written:
+        assert written.format == "PNG" and written.mode == "RGB"
+        assert np.array_equal(np.asarray(written), pixels)
+
+
 def test_training_curves_figure_panels() -> None:
     records = [
         {"event": "start", "step": 0},
@@ -212,6 +222,59 @@ def test_report_end_to_end(make_checkpoint: Callable, tmp_path: Path) -> None:
     stored = json.loads((out / "metrics.json").read_text())
     assert stored["accuracy"] == pytest.approx(expected["accuracy"])
     assert f"<td class='num'>{expected['accuracy']:.2f}</td>" in page
+
+
+def _page_without_date(index: Path) -> str:
+    return re.sub(r"Written [0-9-]+ [0-9:]+", "Written <date>", index.read_text())
+
+
+def test_report_gathers_its_statistics_in_the_metrics_pass(
+    make_checkpoint: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metrics computed now: one pass over the test split gives both; stored metrics: a pass of its own;
+    statistics handed in: no pass at all. The three pages are the same."""
+    import ivpt.viz.report as report
+    from ivpt.engine.checkpoint import load_checkpoint
+    from ivpt.engine.evaluate import evaluate
+
+    checkpoint = make_checkpoint()
+    own_passes: list[int] = []
+    collect = report.collect_statistics
+
+    def counted(*args: object, **kwargs: object) -> object:
+        own_passes.append(1)
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(report, "collect_statistics", counted)
+    computed = build_report(checkpoint, out_dir=tmp_path / "now", top_k=2, device="cpu", progress=False)
+    assert own_passes == [] and "computed now" in computed.read_text()
+
+    # what `ivpt eval` writes beside the checkpoint: the report reads it and streams the split itself
+    model, cfg, info = load_checkpoint(checkpoint)
+    stored = evaluate(model, cfg, None, "cpu")
+    stored["checkpoint"] = str(checkpoint)
+    (checkpoint.parent / "metrics.json").write_text(json.dumps(stored))
+    read = build_report(checkpoint, out_dir=tmp_path / "read", top_k=2, device="cpu", progress=False)
+    assert own_passes == [1] and "read from" in read.read_text()
+
+    meter = ConceptStatisticsMeter(len(info["class_names"]), 2, device=None)
+    evaluate(model, cfg, ["accuracy"], "cpu", observe=meter.observe)
+    given = build_report(
+        checkpoint, out_dir=tmp_path / "given", top_k=2, device="cpu", progress=False, statistics=meter.compute()
+    )
+    assert own_passes == [1]
+    indexes = (computed, read, given)
+    galleries = [sorted(p.name for p in (index.parent / "img" / "gallery").iterdir()) for index in indexes]
+    assert galleries[0] and galleries[0] == galleries[1] == galleries[2]
+    for name in galleries[0]:
+        strips = [np.asarray(Image.open(index.parent / "img" / "gallery" / name)) for index in indexes]
+        assert np.array_equal(strips[0], strips[1]) and np.array_equal(strips[0], strips[2])
+    # apart from the date and where the metrics came from, the pages say the same
+    pages = [re.sub(r"scores in percent; [^<]*</p>", "", _page_without_date(index)) for index in indexes]
+    assert pages[0] == pages[1] == pages[2]
+
+    with pytest.raises(IVPTError, match="statistics given cover .* top_k \\[2\\].* top_k 3"):
+        build_report(checkpoint, out_dir=tmp_path / "bad", top_k=3, device="cpu", statistics=meter.compute())
 
 
 def test_report_without_log_and_concepts(make_checkpoint: Callable, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@
    the paper's setting), VPT-Deep and a linear probe, each with :func:`ivpt.engine.trainer.train`;
 3. score each with :func:`ivpt.engine.evaluate.evaluate_checkpoint` (``ivpt eval``);
 4. explain a few test images with IVPT (:func:`ivpt.viz.explain.explain_files`, ``ivpt explain``) and
-   write its HTML report (:func:`ivpt.viz.report.build_report`, ``ivpt report``);
+   write its HTML report (:func:`ivpt.viz.report.build_report`, ``ivpt report``; its concept statistics
+   gathered during IVPT's scoring pass over the test split, not in a pass of their own);
 5. print a table and write ``OUT/results.json``.
 
 Every step is the function behind a CLI command, called with the config a user would pass: each run's
@@ -310,6 +311,7 @@ def run_demo(
     from ivpt.demo.jobs import available_cores, default_jobs, method_groups, run_in_parallel, start_workers
     from ivpt.engine.evaluate import evaluate_checkpoint
     from ivpt.engine.trainer import train
+    from ivpt.viz.concept_stats import ConceptStatisticsMeter
     from ivpt.viz.explain import explain_files
     from ivpt.viz.report import build_report
 
@@ -342,6 +344,9 @@ def run_demo(
     print("generated" if generated else "reused the existing data set (same settings)")
 
     configs = {method: demo_config(method, plan, data_root, out / "runs" / method, backbone_file) for method in methods}
+    # The report's concept statistics come from the same forward passes as IVPT's scores.
+    report_statistics = ConceptStatisticsMeter(plan.num_classes, plan.top_k, device=None)
+    observers = {"ivpt": {"observe": report_statistics.observe}}
     checkpoints: dict[str, Path] = {}
     rows: dict[str, dict[str, Any]] = {}
     method_timings: dict[str, dict[str, float]] = {}
@@ -354,6 +359,7 @@ def run_demo(
                 f"evaluate {method} (ivpt eval --checkpoint {checkpoints[method]})",
                 evaluate_checkpoint,
                 checkpoints[method],
+                **observers.get(method, {}),
             )
             rows[method] = table_row(results)
     else:
@@ -377,6 +383,7 @@ def run_demo(
                     f"evaluate {method} (ivpt eval --checkpoint {outcome.checkpoint})",
                     evaluate_checkpoint,
                     outcome.checkpoint,
+                    **observers.get(method, {}),
                 )
             rows[method] = table_row(results)
             method_timings[method] = {"train": round(outcome.train_seconds, 1)}
@@ -398,6 +405,7 @@ def run_demo(
         out_dir=out / "report",
         top_k=plan.top_k,
         progress=False,
+        statistics=report_statistics.compute(),
     )
 
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

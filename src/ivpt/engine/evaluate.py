@@ -57,6 +57,8 @@ _KEYS_OF = {
     "faithfulness": FAITHFULNESS_KEYS,
 }
 _KEYPOINT_METRICS = ("consistency", "stability", "part_discovery", "kpr")
+# ``observe(output, batch)``: sees each forward of the pass over the scored split (see :func:`evaluate`).
+BatchObserver = Callable[[Any, dict[str, Any]], None]
 # Separate streams of per-batch seeds for the two random protocols.
 _STABILITY_STREAM, _FAITHFULNESS_STREAM = 1, 2
 
@@ -101,6 +103,7 @@ def evaluate(
     split: str = "test",
     ctx: DistributedContext | None = None,
     progress: bool = False,
+    observe: BatchObserver | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on the data set of ``cfg`` (see the module docstring for the protocols).
 
@@ -112,6 +115,10 @@ def evaluate(
         split: the split scored by accuracy and the part metrics (the trainer passes ``"val"``).
         ctx: the distributed context; batches are shared among its ranks. ``None``: this process alone.
         progress: a progress bar per pass over the data (on the main rank, when stderr is a terminal).
+        observe: called as ``observe(output, batch)`` with the model's output and the batch (``image``,
+            ``label``, ``index``, ...) of every batch of the pass over ``split`` (this rank's share), so
+            that a caller can gather more from the same forward passes (the demo gathers the report's
+            concept statistics this way).
 
     Returns:
         Every key of :data:`HEADLINE_KEYS` (``None`` when not computed), ``per_stage`` (stage index ->
@@ -127,7 +134,7 @@ def evaluate(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             names = resolve_metrics(metrics, cfg)
-            return _Evaluation(net, cfg, names, device, split, ctx or DistributedContext(), progress).run()
+            return _Evaluation(net, cfg, names, device, split, ctx or DistributedContext(), progress, observe).run()
         finally:
             net.train(was_training)
 
@@ -144,6 +151,7 @@ class _Evaluation:
         split: str,
         ctx: DistributedContext,
         progress: bool = False,
+        observe: BatchObserver | None = None,
     ) -> None:
         from ivpt.data import build_dataset, load_annotations
 
@@ -153,6 +161,7 @@ class _Evaluation:
         self.split = split
         self.ctx = ctx
         self.progress = progress and ctx.is_main
+        self.observe = observe
         self.notes: list[str] = []
         self.annotations = load_annotations(cfg.data)
         self.dataset = build_dataset(cfg, split, train_transform=False, annotations=self.annotations)
@@ -302,7 +311,7 @@ class _Evaluation:
             meters["kpr"] = self._per_stage(lambda k: KeypointRegressionMeter(k - 1, self.num_keypoints))
         if "fg_iou" in active:
             meters["fg_iou"] = self._per_stage(lambda _: ForegroundIoUMeter(device=self.device))
-        if not meters:
+        if not meters and self.observe is None:
             return meters
         dataset = self.dataset
         if "fg_iou" in active:
@@ -312,6 +321,8 @@ class _Evaluation:
         for number, batch in self._batches(dataset, f"{self.split} split"):
             images = batch["image"].to(self.device, non_blocking=True)
             out = self._forward(images)
+            if self.observe is not None:
+                self.observe(out, batch)
             if "accuracy" in meters:
                 meters["accuracy"][0].update(out.logits.float(), batch["label"].to(self.device))
             if "faithfulness" in meters:
@@ -417,6 +428,7 @@ def evaluate_checkpoint(
     overrides: Sequence[str] = (),
     metrics: Sequence[str] | None = None,
     out_dir: str | Path | None = None,
+    observe: BatchObserver | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint, print the results and write ``metrics.json``.
 
@@ -425,6 +437,7 @@ def evaluate_checkpoint(
         overrides: ``key=value`` changes to the stored config (``data.root=...``, ``eval.stage=-1``, ...).
         metrics: subset of :data:`METRIC_NAMES` (default ``eval.metrics`` of the config).
         out_dir: where ``metrics.json`` goes (default: the checkpoint's folder).
+        observe: passed on to :func:`evaluate`.
 
     A progress bar follows each pass over the data on a terminal, unless ``train.progress=false``.
 
@@ -445,7 +458,14 @@ def evaluate_checkpoint(
         model.to(ctx.device)
         _check_classes(cfg, info["class_names"], checkpoint)
         results = evaluate(
-            model, cfg, resolved_metrics, ctx.device, split="test", ctx=ctx, progress=cfg.train.progress
+            model,
+            cfg,
+            resolved_metrics,
+            ctx.device,
+            split="test",
+            ctx=ctx,
+            progress=cfg.train.progress,
+            observe=observe,
         )
         results["checkpoint"] = str(checkpoint)
         if ctx.is_main:

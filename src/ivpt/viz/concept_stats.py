@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,20 +86,23 @@ class ConceptStatisticsMeter:
     Args:
         num_classes: C.
         top_k: typical images kept per concept.
-        device: where the running state lives (the model's device avoids a copy per batch).
+        device: where the running state lives (the model's device avoids a copy per batch); ``None``:
+            that of the first batch's output.
     """
 
-    def __init__(self, num_classes: int, top_k: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, num_classes: int, top_k: int, device: str | torch.device | None = "cpu") -> None:
         if top_k < 1:
             raise IVPTError(f"report: top_k must be at least 1, got {top_k}")
         self.num_classes = num_classes
         self.top_k = top_k
-        self.device = torch.device(device)
+        self.device = None if device is None else torch.device(device)
         self.num_images = 0
         self._initialised = False
 
     def _initialise(self, output: IVPTOutput) -> None:
         maps = output.concept_maps
+        if self.device is None:
+            self.device = output.logits.device
         device = self.device
         self.num_concepts = [int(m.shape[1]) for m in maps]
         self.grid_size = (int(maps[0].shape[2]), int(maps[0].shape[3])) if maps else (0, 0)
@@ -153,6 +157,10 @@ class ConceptStatisticsMeter:
             self.top_scores[stage] = pooled_scores.gather(1, best)
             self.top_images[stage] = pooled_images.gather(1, best)
             self.top_cells[stage] = pooled_cells.gather(1, best)
+
+    def observe(self, output: IVPTOutput, batch: dict[str, Any]) -> None:
+        """:meth:`update` from a batch of the data set (``label``, ``index``): an ``ivpt eval`` observer."""
+        self.update(output, batch["label"], batch["index"])
 
     def compute(self) -> ConceptStatistics:
         """The statistics of everything added so far.

@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, PathPatch
 from matplotlib.path import Path as CurvePath
+from PIL import Image
 
 from ivpt.viz.maps import FlowEdge, overlay_maps
 from ivpt.viz.palette import to_hex
@@ -31,11 +32,26 @@ def concept_label(stage: int, concept: int, num_stages: int) -> str:
     return f"s{stage + 1}:c{concept}"
 
 
+# zlib level of every PNG written: encoding at the default level took longer than drawing a figure;
+# level 1 writes the same pixels in about half the time (a fifth for photo crops) for 2-16 % more bytes.
+PNG_COMPRESS_LEVEL = 1
+
+
 def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write ``figure`` as PNG at its own size (no tight cropping, so the pixel size is predictable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=figure.dpi, facecolor="white")
+    figure.savefig(
+        path, format="png", dpi=figure.dpi, facecolor="white", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL}
+    )
+    return path
+
+
+def save_image(image: np.ndarray, path: str | Path) -> Path:
+    """Write an ``(H, W, 3)`` uint8 image as PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="png", compress_level=PNG_COMPRESS_LEVEL)
     return path
 
 

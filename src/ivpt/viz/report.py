@@ -24,12 +24,11 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.image import imsave
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -38,10 +37,13 @@ from tqdm import tqdm
 from ivpt.config import Config
 from ivpt.errors import IVPTError
 from ivpt.viz.concept_stats import ConceptStatistics, ConceptStatisticsMeter, crop_box
-from ivpt.viz.drawing import concept_label, draw_hierarchy, save_figure
+from ivpt.viz.drawing import concept_label, draw_hierarchy, save_figure, save_image
 from ivpt.viz.explain import default_device
 from ivpt.viz.maps import denormalize_image, grouping_flow
 from ivpt.viz.palette import concept_palette, to_hex
+
+if TYPE_CHECKING:
+    from ivpt.engine.evaluate import BatchObserver
 
 THUMBNAIL_SIZE = 96
 # Gallery crops cover this fraction of the image side (at least two patches).
@@ -91,13 +93,14 @@ def report_metrics(
     metrics: Sequence[str] | None,
     device: str,
     out_dir: Path,
+    observe: BatchObserver | None = None,
 ) -> tuple[dict[str, Any], str]:
     """The numbers of ``ivpt eval`` for this checkpoint, and a sentence saying where they come from.
 
     ``metrics.json`` beside the checkpoint is reused when ``ivpt eval`` wrote it for this checkpoint
     after the checkpoint was saved, with the default metrics and no overrides; otherwise
-    :func:`ivpt.engine.evaluate.evaluate` (what ``ivpt eval`` runs) scores the model now and the result
-    is also written to ``out_dir/metrics.json``.
+    :func:`ivpt.engine.evaluate.evaluate` (what ``ivpt eval`` runs) scores the model now, ``observe``
+    seeing its pass over the test split, and the result is also written to ``out_dir/metrics.json``.
     """
     from ivpt.engine.evaluate import evaluate
 
@@ -105,7 +108,7 @@ def report_metrics(
     if stored is not None:
         results, path = stored
         return results, f"read from {path} (written by ivpt eval for this checkpoint)"
-    results = evaluate(model, cfg, metrics, device, split="test")
+    results = evaluate(model, cfg, metrics, device, split="test", observe=observe)
     results["checkpoint"] = str(checkpoint)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results, "computed now by ivpt.engine.evaluate (the function behind ivpt eval); also in metrics.json"
@@ -402,6 +405,15 @@ def collect_statistics(
     return meter.compute()
 
 
+def _check_statistics(statistics: ConceptStatistics, num_images: int, top_k: int) -> None:
+    kept = {int(scores.shape[1]) for scores in statistics.top_scores}
+    if statistics.num_images != num_images or kept - {top_k}:
+        raise IVPTError(
+            f"report: the statistics given cover {statistics.num_images} images with top_k {sorted(kept)}, "
+            f"but this report shows the {num_images} test images with top_k {top_k}"
+        )
+
+
 def build_report(
     checkpoint: str | Path,
     overrides: Sequence[str] = (),
@@ -411,6 +423,7 @@ def build_report(
     metrics: Sequence[str] | None = None,
     device: str | None = None,
     progress: bool = True,
+    statistics: ConceptStatistics | None = None,
 ) -> Path:
     """Write the HTML report of a checkpoint to ``out_dir/index.html``.
 
@@ -422,6 +435,10 @@ def build_report(
         metrics: metric names for the table (default: ``eval.metrics`` of the config, as ``ivpt eval``).
         device: ``"cuda"`` when available unless given.
         progress: show tqdm progress bars.
+        statistics: the model's concept statistics over the test split, already gathered by the
+            caller with ``top_k`` (the demo gathers them during ``ivpt eval``'s pass); ``None``: gathered
+            here, during the metrics' pass over the test split when the metrics are computed now, else
+            in a pass of their own.
 
     Returns:
         The path of ``index.html``.
@@ -443,15 +460,25 @@ def build_report(
     images_dir = out / "img"
     images_dir.mkdir(parents=True, exist_ok=True)
 
-    results, source = report_metrics(model, cfg, checkpoint, overrides, metrics, device, out)
     dataset = build_dataset(cfg, "test", train_transform=False)
     if len(dataset.class_names) != len(class_names):
         raise IVPTError(
             f"report: checkpoint '{checkpoint}' classifies {len(class_names)} classes but the data set at "
             f"'{cfg.data.root}' has {len(dataset.class_names)}; point data.root=... at its data"
         )
-    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-    stats = collect_statistics(model, loader, len(class_names), top_k, device, progress)
+    meter = ConceptStatisticsMeter(len(class_names), top_k, device) if statistics is None else None
+    observe = None if meter is None else meter.observe
+    results, source = report_metrics(model, cfg, checkpoint, overrides, metrics, device, out, observe)
+    if statistics is not None:
+        _check_statistics(statistics, len(dataset), top_k)
+        stats = statistics
+    elif meter is not None and meter.num_images:
+        stats = meter.compute()  # seen during the metrics' pass
+    else:
+        loader = DataLoader(
+            dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers
+        )
+        stats = collect_statistics(model, loader, len(class_names), top_k, device, progress)
 
     sections: list[str] = []
     sections.append("<h2>Metrics</h2>" + _metrics_html(results, source))
@@ -479,8 +506,7 @@ def build_report(
         links = {}
         for (stage, concept), strip in strips.items():
             name = f"img/gallery/stage{stage + 1}_concept{concept}.png"
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            imsave(out / name, strip)
+            save_image(strip, out / name)
             links[(stage, concept)] = name
         sections.append("<h2>Concept galleries</h2>")
         sections.append(
