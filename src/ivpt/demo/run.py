@@ -349,7 +349,6 @@ def run_demo(
     configs = {method: demo_config(method, plan, data_root, out / "runs" / method, backbone_file) for method in methods}
     # The report's concept statistics come from the same forward passes as IVPT's scores.
     report_statistics = ConceptStatisticsMeter(plan.num_classes, plan.top_k, device=None)
-    observers = {"ivpt": {"observe": report_statistics.observe}}
     checkpoints: dict[str, Path] = {}
     rows: dict[str, dict[str, Any]] = {}
     method_timings: dict[str, dict[str, float]] = {}
@@ -362,7 +361,7 @@ def run_demo(
                 f"evaluate {method} (ivpt eval --checkpoint {checkpoints[method]})",
                 evaluate_checkpoint,
                 checkpoints[method],
-                **observers.get(method, {}),
+                observe=report_statistics.observe if method == "ivpt" else None,
             )
             rows[method] = table_row(results)
     else:
@@ -386,7 +385,7 @@ def run_demo(
                     f"evaluate {method} (ivpt eval --checkpoint {outcome.checkpoint})",
                     evaluate_checkpoint,
                     outcome.checkpoint,
-                    **observers.get(method, {}),
+                    observe=report_statistics.observe if method == "ivpt" else None,
                 )
             rows[method] = table_row(results)
             method_timings[method] = {"train": round(outcome.train_seconds, 1)}
