@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,6 +64,16 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "data"
     make_synthetic(root, num_classes=4, per_class=16, size=64, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def undated_page() -> Callable[[Path], str]:
+    """An ``ivpt report`` page's text without the minute it was written, the one line two runs differ in."""
+
+    def read(index: Path) -> str:
+        return re.sub(r"Written [0-9-]+ [0-9:]+", "Written <date>", index.read_text())
+
+    return read
 
 
 @pytest.fixture
