@@ -74,7 +74,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of the eight loss terms of METHOD.md section 8; a weight of 0 switches a term off."""
+    """Weights of the eight loss terms of docs/method.md section 8; a weight of 0 switches a term off."""
 
     classification: float = 1.0
     consistency: float = 1.0
@@ -92,7 +92,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with the per-group learning rates of the official recipe (METHOD.md section 7)."""
+    """Adam with the per-group learning rates of the official recipe (docs/method.md section 7)."""
 
     lr_head: float = 1e-2
     lr_prototypes: float = 2e-4
@@ -137,7 +137,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """The evaluation protocols of METHOD.md section 9."""
+    """The evaluation protocols of docs/method.md section 9."""
 
     # Stage scored by the headline part metrics, Python-indexed over stages (-3 is stage S-2).
     stage: int = -3

@@ -1,4 +1,4 @@
-"""Which parameters each part of the IVPT output can train (the stop-gradients of METHOD.md §2-§4)."""
+"""Which parameters each part of the IVPT output can train (the stop-gradients of docs/method.md §2-§4)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ NUM_CLASSES = 7
 
 
 def official_key_shapes(backbone: torch.nn.Module, grid: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-    """The official key list: timm's backbone keys plus the IVPT keys of METHOD.md §11."""
+    """The official key list: timm's backbone keys plus the IVPT keys of docs/method.md §11."""
     dim = backbone.embed_dim
     parts = N_PRO[-1] - 1
     shapes = {name: tuple(t.shape) for name, t in backbone.state_dict().items()}
@@ -53,7 +53,7 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str,
 
 
 def reference_forward(backbone, state, images):
-    """IVPT in eval mode written plainly from METHOD.md with the official key names."""
+    """IVPT in eval mode written plainly from docs/method.md with the official key names."""
     num_stages = len(N_PRO)
     parts = N_PRO[-1] - 1
     blocks = backbone.blocks

@@ -12,7 +12,7 @@ resampled with exactly the same two steps, so they agree by construction. The re
 (rather than folded into a single bilinear warp) because a bilinear warp that shrinks an image aliases,
 while PIL's resize filters over the whole footprint.
 
-Augmentations (METHOD.md section 7):
+Augmentations (docs/method.md section 7):
 
 - ``"paper"``: resize the short side to ``img_size``, horizontal flip with p=0.5, random affine (rotation
   U(-90, 90) degrees about the image centre, translation up to 20 % of the width / height, scale

@@ -1,4 +1,4 @@
-"""``ivpt eval``: accuracy and the interpretability protocols of METHOD.md section 9.
+"""``ivpt eval``: accuracy and the interpretability protocols of docs/method.md section 9.
 
 :func:`evaluate` scores a model in memory (the trainer's validation, the report and the demo call it);
 :func:`evaluate_checkpoint` loads a checkpoint, scores it, prints a table and writes ``metrics.json``.

@@ -1,4 +1,4 @@
-"""The IVPT loss terms (METHOD.md section 8) and the random affine transform of the equivariance term.
+"""The IVPT loss terms (docs/method.md section 8) and the random affine transform of the equivariance term.
 
 >>> theta = sample_affine(generator, device)                       # one transform per batch
 >>> out, out_t = model(torch.cat([x, warp_images(x, theta)])).split(len(x))

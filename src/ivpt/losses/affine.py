@@ -1,4 +1,4 @@
-"""The random affine transform of the equivariance loss (METHOD.md section 8).
+"""The random affine transform of the equivariance loss (docs/method.md section 8).
 
 One transform ``T`` is drawn per batch. It is stored as ``theta``, a ``(2, 3)`` matrix in the
 normalised coordinates of :func:`torch.nn.functional.affine_grid` (``x`` and ``y`` in ``[-1, 1]``
@@ -28,7 +28,7 @@ from torch import Tensor
 
 __all__ = ["affine_matrix", "invert_affine", "sample_affine", "unwarp_maps", "unwarp_validity", "warp_images"]
 
-# Defaults of METHOD.md section 8: rotation U(-90, 90) degrees, translation up to 11% of the size on
+# Defaults of docs/method.md section 8: rotation U(-90, 90) degrees, translation up to 11% of the size on
 # each axis, scale U(0.8, 1.4).
 MAX_ROTATION_DEG = 90.0
 MAX_TRANSLATION = 0.11

@@ -1,4 +1,4 @@
-"""The IVPT training objective: the eight terms of METHOD.md section 8 from one model output."""
+"""The IVPT training objective: the eight terms of docs/method.md section 8 from one model output."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The eight loss terms of IVPT (METHOD.md section 8), one function each, on plain tensors.
+"""The eight loss terms of IVPT (docs/method.md section 8), one function each, on plain tensors.
 
 Every function returns an fp32 scalar tensor, computes in fp32 with autocast switched off (whatever
 precision its inputs come in), and never reads a value back to the host.
@@ -7,7 +7,7 @@ Concept maps are ``(B, K, h, w)`` softmax maps over ``K`` prototypes, background
 (:func:`presence_loss`, :func:`background_presence_loss`, :func:`equivariance_loss`,
 :func:`total_variation_loss`, :func:`entropy_loss`) accept one stage, a sequence of stages, or a
 prepared :class:`StageMaps`, and return the mean of the per-stage values. They work on smoothed maps,
-``A <- (A + 1e-6) / sum_k (A + 1e-6)`` (METHOD.md section 2), which keeps every entry strictly positive
+``A <- (A + 1e-6) / sum_k (A + 1e-6)`` (docs/method.md section 2), which keeps every entry strictly positive
 so that logarithms and cosines stay finite. Stages that share one patch grid (all of them, in IVPT) are
 concatenated along the channels and handled by a single kernel per term.
 """

@@ -1,4 +1,4 @@
-"""Accuracy and interpretability metrics (METHOD.md section 9) as pure functions and streaming meters.
+"""Accuracy and interpretability metrics (docs/method.md section 9) as pure functions and streaming meters.
 
 Every meter follows one pattern, meant for a loop over a data loader::
 

@@ -1,4 +1,4 @@
-"""Consistency and stability of concepts (Huang et al., ICCV 2023; METHOD.md section 9).
+"""Consistency and stability of concepts (Huang et al., ICCV 2023; docs/method.md section 9).
 
 A concept "hits" a keypoint on an image when the keypoint lies in the box around the concept's peak:
 

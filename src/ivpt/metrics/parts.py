@@ -1,4 +1,4 @@
-"""Part-discovery metrics of the PDiscoFormer protocol (METHOD.md section 9) and foreground IoU.
+"""Part-discovery metrics of the PDiscoFormer protocol (docs/method.md section 9) and foreground IoU.
 
 - :class:`PartDiscoveryMeter`: NMI / ARI between the part predicted at each visible keypoint and the
   keypoint's index.

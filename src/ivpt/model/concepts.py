@@ -1,4 +1,4 @@
-"""The building blocks of IVPT (METHOD.md sections 2-4 and 6).
+"""The building blocks of IVPT (docs/method.md sections 2-4 and 6).
 
 - :class:`ConceptStage`: category-agnostic prototypes (and spatial bias) of one depth -> concept maps;
 - :func:`pool_regions`: intra-region feature aggregation (IFA) or plain soft pooling;

@@ -1,4 +1,4 @@
-"""Interpretable Visual Prompt Tuning on a frozen timm ViT (METHOD.md sections 1-6)."""
+"""Interpretable Visual Prompt Tuning on a frozen timm ViT (docs/method.md sections 1-6)."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class IVPT(ViTModel):
         Gives the same values as :meth:`forward` (same Gumbel draws aside), but the blocks, the pooling,
         the fusion and the head run without autograd, so no activation is stored for a backward pass.
         That loses nothing the equivariance loss needs: concept maps are computed from detached features
-        (METHOD.md section 2), so in :meth:`forward` too their only gradient path leads to the stage
+        (docs/method.md section 2), so in :meth:`forward` too their only gradient path leads to the stage
         prototypes and spatial biases, and this pass keeps exactly that path.
 
         Returns:

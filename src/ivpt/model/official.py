@@ -1,4 +1,4 @@
-"""Read snapshots saved by the authors' IVPT code (METHOD.md section 11) into ivpt models.
+"""Read snapshots saved by the authors' IVPT code (docs/method.md section 11) into ivpt models.
 
 The authors save ``torch.save(dict(model_state=..., optimizer_state=..., finished_epoch=...,
 epoch_test_accuracies=...))``; backbone keys are timm's own, and the IVPT modules are named:

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups with the per-group learning rates of the official recipe (METHOD.md §7).
+"""Optimizer parameter groups with the per-group learning rates of the official recipe (docs/method.md §7).
 
 =============== ===================================================================== ==================
 group           parameters                                                            learning rate
