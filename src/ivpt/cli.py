@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from ivpt.errors import IVPTError
 
 CONFIG_HELP = "YAML config file (presets in configs/); later key=value overrides win"
-OVERRIDES_HELP = "config overrides such as train.epochs=3 model.n_pro=[6,5] (see README: Configuration)"
+OVERRIDES_HELP = "config overrides such as train.epochs=3 model.n_pro=[6,5] (see docs/configuration.md)"
 
 
 def _add_config_args(parser: argparse.ArgumentParser, with_file: bool = True) -> None:

@@ -3,7 +3,7 @@
 Why: the demo's matrices are small (16 images of 256 tokens, width 96), so a second intra-op thread
 does little; an IVPT step takes about 0.61 s with one thread and 0.51 s with two. Two single-threaded
 workers (IVPT in one, VPT-Deep then the linear probe in the other) still slow each other down, so on
-two cores the demo gains about 13 % over one two-threaded process doing the methods in turn (README,
+two cores the demo gains about 13 % over one two-threaded process doing the methods in turn (docs/demo.md,
 "The demo's time"). IVPT's job only trains; the caller scores it with every core afterwards.
 
 Where the platform has it (Linux, macOS), the workers fork from a ``forkserver`` process that has

@@ -48,7 +48,7 @@ the pretraining classes do not need: the head colour, a random nuisance in every
 be read off the true head's tokens of the diagnostic images (below) only 67 % of the time, ideal part
 prototypes split their foreground tokens with NMI 54, and the pretraining task itself was learnt worse (5 %
 of held-out images with all three attributes right). At 0.1 the same recipe gives 84 %, 70 and 53 %, and
-IVPT's part discovery on the demo reaches NMI 55-64 (README, "The demo backbone").
+IVPT's part discovery on the demo reaches NMI 55-64 (docs/demo.md, "The demo backbone").
 
 The three dense terms are applied to the normalised tokens after every block from the second on (shared
 heads): those are the depths where IVPT's prototype stages read the features, so each of them must show
@@ -64,7 +64,7 @@ mean patch token, that of a probe on the tokens pooled over each true part (what
 discovery would hand IVPT's classifier), and per class-defining attribute (head colour, wing pattern,
 beak shape) that of a probe reading it from the tokens of its own part. The file's metadata records the
 recipe, the held-out accuracy of the CLS attribute classifiers (all three attributes right) and these
-diagnostics; the README's demo section quotes those of the shipped file.
+diagnostics; docs/demo.md quotes those of the shipped file.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class PretrainRecipe:
             vertical texture) or ``"rich"`` (colour per 4 x 4 sub-cell, and texture in four directions
             at two distances).
         appearance_weight: weight of the appearance term in the minimised sum (the other dense terms weigh 1).
-            10 keeps each cell's colour readable but blurs the part structure (README, "The demo backbone").
+            10 keeps each cell's colour readable but blurs the part structure (docs/demo.md, "The demo backbone").
         attribute_weight: weight of the class-attribute term (0: no class labels, only the dense terms). 0.1
             wrote the shipped weights; at 1, the first 16 x 16 file's weight, this term's gradient dominates
             the sum and teaches the tokens to drop what the pretraining classes do not need (the colour of

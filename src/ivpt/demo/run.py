@@ -108,7 +108,7 @@ COMMON_OVERRIDES: tuple[str, ...] = (
 # What each method trains, and at which learning rates. The official recipe moves the prototypes at
 # 2e-4 for ~9000 steps; the demo has ~280 steps, so they (and the prompt tokens of VPT-Deep, which
 # train at ``lr_prototypes`` too) need a proportionally larger rate to travel as far in feature space.
-# The heads and prototypes / prompt tokens train at 0.01 or 0.02 (README, "The learning rates", seeds 42,
+# The heads and prototypes / prompt tokens train at 0.01 or 0.02 (docs/demo.md, "The learning rates", seeds 42,
 # 1 and 2 on two CPUs): 0.02 for IVPT's and the linear probe's heads, 0.01 for IVPT's prototypes and for
 # VPT-Deep. IVPT's pair 0.02 / 0.01 is the one whose NMI and ARI met their targets on all six runs; with
 # its prototypes at 0.02 too the mean top-1 was the same but part discovery failed on two of the six.
