@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ivpt.config import Config, load_config
+from ivpt.config import Config, load_config, preset_names, resolve_config_file
 from ivpt.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+PRESETS = sorted((REPO / "src" / "ivpt" / "configs").glob("*.yaml"))
 
 
 def test_defaults_are_the_paper_recipe():
@@ -93,6 +93,26 @@ def test_presets_load(preset):
 def test_required_presets_exist():
     names = {p.name for p in PRESETS}
     assert {"cub_dinov2_b.yaml", "cub_deit_s.yaml", "nabirds_dinov2_b.yaml", "synthetic_tiny.yaml"} <= names
+
+
+def test_presets_are_named_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert preset_names() == sorted(p.stem for p in PRESETS)
+    by_name = load_config("cub_deit_s")
+    assert by_name == load_config("cub_deit_s.yaml") == load_config(REPO / "src/ivpt/configs/cub_deit_s.yaml")
+    assert by_name.model.arch == "deit_small_patch16_224.fb_in1k"
+
+
+def test_a_local_file_shadows_a_preset_and_unknown_names_list_the_presets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("cub_deit_s.yaml").write_text("train:\n  epochs: 3\n")
+    assert resolve_config_file("cub_deit_s.yaml") == Path("cub_deit_s.yaml")
+    assert load_config("cub_deit_s.yaml").train.epochs == 3
+    with pytest.raises(ConfigError, match="'cub_dino' does not exist and is not a preset; presets: cub_deit_s, "):
+        load_config("cub_dino")
+    # A path with a folder is never taken for a preset name.
+    with pytest.raises(ConfigError, match="'sub/cub_deit_s.yaml' does not exist"):
+        load_config("sub/cub_deit_s.yaml")
 
 
 def test_public_key_names_are_stable():

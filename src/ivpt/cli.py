@@ -14,13 +14,16 @@ from collections.abc import Callable, Sequence
 
 from ivpt.errors import IVPTError
 
-CONFIG_HELP = "YAML config file (presets in configs/); later key=value overrides win"
+CONFIG_HELP = "a YAML file, or the name of an installed preset ({presets}); later key=value overrides win"
 OVERRIDES_HELP = "config overrides such as train.epochs=3 model.n_pro=[6,5] (see docs/configuration.md)"
 
 
 def _add_config_args(parser: argparse.ArgumentParser, with_file: bool = True) -> None:
     if with_file:
-        parser.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+        from ivpt.config import preset_names
+
+        help_text = CONFIG_HELP.format(presets=", ".join(preset_names()))
+        parser.add_argument("-c", "--config", metavar="FILE_OR_PRESET", help=help_text)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 

@@ -1,6 +1,6 @@
 """The one configuration source: typed dataclasses filled from defaults <- YAML <- ``key=value``.
 
->>> cfg = load_config("configs/synthetic_tiny.yaml", ["train.epochs=3", "model.n_pro=[6,5]"])
+>>> cfg = load_config("synthetic_tiny", ["train.epochs=3", "model.n_pro=[6,5]"])  # a preset by name, or a path
 >>> cfg.train.epochs
 3
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -315,11 +316,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def preset_names() -> list[str]:
+    """Names of the YAML presets installed with the package (``ivpt/configs/<name>.yaml``)."""
+    folder = resources.files("ivpt") / "configs"
+    return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def resolve_config_file(name_or_path: str | Path) -> Path:
+    """The YAML file that ``-c`` means: an existing path as given, else an installed preset by name.
+
+    ``cub_dinov2_b`` and ``cub_dinov2_b.yaml`` both name the preset; a path that exists always wins, so
+    a local file can shadow a preset. Anything else is an error listing the presets.
+    """
+    path = Path(name_or_path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if name in preset_names():
+        with resources.as_file(resources.files("ivpt") / "configs" / f"{name}.yaml") as preset:
+            return Path(preset)
+    raise ConfigError(
+        f"config file '{name_or_path}' does not exist and is not a preset; presets: {', '.join(preset_names())}"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file (optional) <- ``key=value`` overrides, all type checked."""
+    """Defaults <- YAML file or preset name (optional) <- ``key=value`` overrides, all type checked."""
     cfg = Config()
     if path is not None:
-        merge_dict(cfg, load_yaml(path), str(path))
+        merge_dict(cfg, load_yaml(resolve_config_file(path)), str(path))
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
