@@ -54,3 +54,31 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     )
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_the_package_lists_its_lazy_exports_and_imports_without_unix_modules():
+    import builtins
+
+    import ivpt
+
+    assert {"create_model", "load_checkpoint", "explain", "load_config", "IVPTOutput"} <= set(dir(ivpt))
+    assert set(ivpt.__all__) <= set(dir(ivpt))
+    # ivpt.bench must import where the Unix-only resource module does not exist (Windows).
+    real_import = builtins.__import__
+
+    def no_resource(name, *args, **kwargs):
+        if name == "resource":
+            raise ImportError("No module named 'resource'")
+        return real_import(name, *args, **kwargs)
+
+    import importlib
+
+    import ivpt.bench
+
+    builtins.__import__ = no_resource
+    try:
+        reloaded = importlib.reload(ivpt.bench)
+        assert reloaded._process_peak_rss_gb() is None
+    finally:
+        builtins.__import__ = real_import
+        importlib.reload(ivpt.bench)

@@ -33,4 +33,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ivpt' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = sorted(_LAZY) + ["__version__"]

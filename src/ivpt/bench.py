@@ -17,7 +17,6 @@ affect both alike.
 
 from __future__ import annotations
 
-import resource
 import statistics
 import sys
 import time
@@ -53,7 +52,12 @@ def _timed_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _process_peak_rss_gb() -> float:
+def _process_peak_rss_gb() -> float | None:
+    """Peak resident memory of this process in GB; ``None`` where the OS has no ``resource`` module (Windows)."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
     scale = 1e9 if sys.platform == "darwin" else 1e6  # ru_maxrss is bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
@@ -268,6 +272,6 @@ def run_bench(
     }
     if dev.type == "cuda":
         result.update(peak_mem_gb=round(model_peak, 3), bound_peak_mem_gb=round(bound_peak, 3))
-    else:
-        result["peak_rss_gb"] = round(_process_peak_rss_gb(), 3)
+    elif (peak_rss := _process_peak_rss_gb()) is not None:
+        result["peak_rss_gb"] = round(peak_rss, 3)
     return result

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ivpt.errors import IVPTError
 
 CONFIG_HELP = "a YAML file, or the name of an installed preset ({presets}); later key=value overrides win"
+# A config override on the command line: a dotted key, then "=".
+OVERRIDE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+=")
 OVERRIDES_HELP = "config overrides such as train.epochs=3 model.n_pro=[6,5] (see docs/configuration.md)"
 
 
@@ -25,6 +29,16 @@ def _add_config_args(parser: argparse.ArgumentParser, with_file: bool = True) ->
         help_text = CONFIG_HELP.format(presets=", ".join(preset_names()))
         parser.add_argument("-c", "--config", metavar="FILE_OR_PRESET", help=help_text)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def split_images_and_overrides(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``ivpt explain``'s positionals: ``section.key=value`` words are overrides, everything else (and any
+    word naming an existing file) an image, so that explain takes overrides in the same form as eval."""
+    images, overrides = [], []
+    for word in inputs:
+        is_override = OVERRIDE_WORD.match(word) is not None and not Path(word).exists()
+        (overrides if is_override else images).append(word)
+    return images, overrides
 
 
 def _print_json(obj: object) -> None:
@@ -57,7 +71,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from ivpt.viz.explain import explain_files
 
-    explain_files(args.images, checkpoint=args.checkpoint, out_dir=args.out, overrides=args.override)
+    images, overrides = split_images_and_overrides(args.inputs)
+    if not images:
+        raise IVPTError("explain: no image given (expected image files, then optional key=value overrides)")
+    explain_files(images, checkpoint=args.checkpoint, out_dir=args.out, overrides=overrides)
     return 0
 
 
@@ -200,10 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, with_file=False)
 
     p = add("explain", _cmd_explain, "Explain single images: concept maps, part evidence, hierarchy.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    p.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_KEY=VALUE",
+        help="image files (any format PIL reads), then config overrides such as eval.stage=-2 as for eval",
+    )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for PNG + JSON per image")
-    p.add_argument("--override", action="append", default=[], metavar="key=value", help="config override (repeatable)")
 
     p = add("report", _cmd_report, "Write a static HTML report of a trained model.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")

@@ -190,3 +190,27 @@ def test_cli_explain(make_checkpoint: Callable, tmp_path: Path, capsys: pytest.C
     assert (tmp_path / "o" / "photo.png").is_file() and (tmp_path / "o" / "photo.json").is_file()
     assert main(["explain", str(tmp_path / "nope.png"), "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
     assert "nope.png' does not exist" in capsys.readouterr().err
+
+
+def test_cli_explain_takes_overrides_in_eval_form(
+    make_checkpoint: Callable, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ivpt.cli import main, split_images_and_overrides
+
+    checkpoint = make_checkpoint(log=False)
+    image = tmp_path / "photo.png"
+    _photo().save(image)
+    args = ["explain", str(image), "train.device=cpu", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]
+    assert main(args) == 0 and (tmp_path / "o" / "photo.json").is_file()
+    args[2] = "train.devize=cpu"
+    assert main(args) == 2
+    assert "unknown config key 'train.devize'" in capsys.readouterr().err
+    # A file whose name looks like an override is still an image; a bare word is never an override.
+    monkeypatch.chdir(tmp_path)
+    Path("a.b=c.png").write_bytes(b"")
+    assert split_images_and_overrides(["a.b=c.png", "bird.jpg", "eval.stage=-2"]) == (
+        ["a.b=c.png", "bird.jpg"],
+        ["eval.stage=-2"],
+    )
+    assert main(["explain", "eval.stage=-2", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
+    assert "no image given" in capsys.readouterr().err
