@@ -148,6 +148,9 @@ class EvalConfig:
     consistency_threshold: float = 0.8
     noise_std: float = 0.2
     noise_clip: float = 0.25
+    # What KPR divides by: "annotated", the protocol's annotated box width and height; "clipped", the box
+    # clipped to the centre crop (ivpt's reading before issue 25, kept for comparisons).
+    kpr_box: Literal["annotated", "clipped"] = "annotated"
     # Gaussian blur used to erase a region for the faithfulness metric (0: 3% of the image side).
     faithfulness_sigma: float = 0.0
     seed: int = 0

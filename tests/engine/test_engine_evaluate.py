@@ -126,6 +126,74 @@ def test_stability_is_reproducible(checkpoint: Path) -> None:
     assert all(v["stability"] == 100.0 for v in evaluate(model, cfg, ["stability"])["per_stage"].values())
 
 
+def test_kpr_divides_by_the_box_that_eval_kpr_box_names(checkpoint: Path) -> None:
+    """Default: the protocol's annotated box (docs/method.md section 9); ``clipped``: the box cut to the crop."""
+    from torch.utils.data import default_collate
+
+    from ivpt.data import build_dataset
+    from ivpt.metrics import KeypointRegressionMeter, keypoint_regression_error, kpr_box
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    scores = {}
+    for mode in ("annotated", "clipped"):
+        cfg.eval.kpr_box = mode
+        scores[mode] = evaluate(model, cfg, ["kpr"])["per_stage"]
+    direct: dict[str, dict[int, float]] = {"annotated": {}, "clipped": {}}
+    batches = {}
+    with torch.no_grad():
+        for split in ("train_full", "test"):
+            dataset = build_dataset(cfg, split, train_transform=False)
+            batch = default_collate([dataset[i] for i in range(len(dataset))])
+            batches[split] = (batch, model(batch["image"]).concept_maps)
+    for mode, boxes in direct.items():
+        for stage in range(NUM_STAGES):
+            meters = []
+            for split in ("train_full", "test"):
+                batch, maps = batches[split]
+                box = batch["bbox"] if mode == "clipped" else kpr_box(batch["bbox_edges"], cfg.model.img_size)
+                meter = KeypointRegressionMeter(maps[stage].shape[1] - 1, batch["keypoints"].shape[1])
+                meter.update(maps[stage], batch["keypoints"], box, cfg.model.img_size)
+                meters.append(meter)
+            boxes[stage] = keypoint_regression_error(*meters)
+    for mode in direct:
+        for stage in range(NUM_STAGES):
+            assert scores[mode][stage]["kpr"] == pytest.approx(direct[mode][stage], rel=1e-6), (mode, stage)
+    assert scores["annotated"][0]["kpr"] != pytest.approx(scores["clipped"][0]["kpr"], rel=1e-3)
+
+
+class _NonFiniteAt(torch.nn.Module):
+    """The model, with a NaN put into stage ``stage``'s maps on its ``call``-th forward (0 = the probe)."""
+
+    def __init__(self, model: torch.nn.Module, call: int, stage: int) -> None:
+        super().__init__()
+        self.model, self.call, self.stage, self.calls = model, call, stage, 0
+
+    def forward(self, images: torch.Tensor):
+        out = self.model(images)
+        if self.calls == self.call:
+            out.concept_maps[self.stage][-1, 0, 0, 0] = float("nan")
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize(
+    ("metric", "where"),
+    [
+        ("part_discovery", "test split, batch 2, stage 1"),
+        ("kpr", "test split, batch 2, stage 1"),
+        ("consistency", "test split cropped to the boxes, batch 2, stage 1"),
+    ],
+)
+def test_non_finite_maps_fail_naming_the_pass_batch_and_stage(checkpoint: Path, metric: str, where: str) -> None:
+    from ivpt.metrics import MetricError
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    # Forward 0 is the probe, forwards 1-4 the four test batches of 8: forward 3 is batch 2.
+    poisoned = _NonFiniteAt(model, call=3, stage=1)
+    with pytest.raises(MetricError, match=rf"^{where}: maps: 1 NaN or infinite values, in image\(s\) 7 of the batch"):
+        evaluate(poisoned, cfg, [metric], device="cpu")
+
+
 def test_methods_without_concept_maps_get_nulls_with_reasons(tiny_config, tmp_path: Path) -> None:
     path = write_checkpoint(tiny_config("model.method=linear_probe"), tmp_path / "probe.pt")
     results = evaluate_checkpoint(path, metrics=["accuracy", "consistency", "kpr", "fg_iou", "faithfulness"])

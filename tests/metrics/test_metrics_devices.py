@@ -47,7 +47,7 @@ def _run_all(device: str) -> dict[str, float]:
     maps, keypoints = data["maps"], data["keypoints"]
     accuracy = AccuracyMeter(6, device=device)
     consistency = ConsistencyMeter(3, 3, 3, device=device)
-    stability = StabilityMeter(3, 3, device=device)
+    stability = StabilityMeter(3, 3, 3, device=device)
     parts = PartDiscoveryMeter()
     regression = KeypointRegressionMeter(3, 3)
     iou = ForegroundIoUMeter(device=device)
@@ -55,7 +55,7 @@ def _run_all(device: str) -> dict[str, float]:
     for rows in (slice(0, 7), slice(7, 16)):
         accuracy.update(data["logits"][rows], data["labels"][rows])
         consistency.update(maps[rows], keypoints[rows], data["labels"][rows], 32)
-        stability.update(maps[rows], maps[rows].roll(1, dims=-1), keypoints[rows], 32)
+        stability.update(maps[rows], maps[rows].roll(1, dims=-1), keypoints[rows], data["labels"][rows], 32)
         parts.update(maps[rows], keypoints[rows], 32)
         regression.update(maps[rows], keypoints[rows], data["bbox"][rows], 32)
         iou.update(maps[rows], data["masks"][rows])

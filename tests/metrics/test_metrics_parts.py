@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from ivpt.metrics import (
     centroids_from_maps,
     keypoint_part_assignments,
     keypoint_regression_error,
+    kpr_box,
     normalize_to_bbox,
 )
 
@@ -91,12 +93,13 @@ def test_centroids_known_answers() -> None:
     maps = torch.zeros(1, 4, 4, 4)
     maps[0, 0, 2, 1] = 1.0  # one cell: centre (1.5 * 4 - 0.5, 2.5 * 4 - 0.5) = (5.5, 9.5)
     maps[0, 1, 0, 0] = maps[0, 1, 0, 3] = 0.6  # two cells of one row: centres x 1.5 and 13.5
-    maps[0, 2, 3, 3] = 0.4  # never above 0.5: inactive
+    maps[0, 2, 3, 3] = 0.4  # never above 0.5: inactive, its centroid (13.5, 13.5) is kept all the same
     maps[0, 3] = 1.0  # background, ignored
     bbox = torch.tensor([[1.5, 1.5, 11.5, 21.5]])  # width 10, height 20
-    centroids = centroids_from_maps(maps, bbox, input_size=16)
+    centroids, active = centroids_from_maps(maps, bbox, input_size=16)
     assert centroids.shape == (1, 3, 2)
-    assert torch.allclose(centroids[0], torch.tensor([[0.4, 0.4], [0.6, 0.0], [0.0, 0.0]]))
+    assert torch.allclose(centroids[0], torch.tensor([[0.4, 0.4], [0.6, 0.0], [1.2, 0.6]]))
+    assert active.tolist() == [[True, True, False]]
 
 
 def test_normalize_to_bbox_divides_each_axis_by_its_side() -> None:
@@ -105,9 +108,13 @@ def test_normalize_to_bbox_divides_each_axis_by_its_side() -> None:
     assert torch.allclose(normalize_to_bbox(points, bbox), torch.tensor([[[0.25, 0.5], [0.0, -0.5]]]))
 
 
-def _loaded_meter(centroids: torch.Tensor, points: torch.Tensor, visible: torch.Tensor) -> KeypointRegressionMeter:
+def _loaded_meter(
+    centroids: torch.Tensor, points: torch.Tensor, visible: torch.Tensor, active: torch.Tensor | None = None
+) -> KeypointRegressionMeter:
     meter = KeypointRegressionMeter(num_parts=centroids.shape[1], num_keypoints=points.shape[1])
-    meter.load_state_tensors([centroids, points, visible])
+    if active is None:
+        active = torch.ones(centroids.shape[:2], dtype=torch.bool)
+    meter.load_state_tensors([centroids, active, points, visible])
     return meter
 
 
@@ -131,8 +138,9 @@ def test_kpr_without_information_predicts_the_training_mean() -> None:
     train_visible = torch.tensor([[True, False], [True, True], [False, True]])
     test_points = torch.tensor([[[0.6, 0.7], [3.0, 3.0]], [[0.0, 0.0], [2.0, 3.0]]])
     test_visible = torch.tensor([[True, False], [False, True]])
-    train = _loaded_meter(torch.zeros(3, 2, 2), train_points, train_visible)
-    test = _loaded_meter(torch.zeros(2, 2, 2), test_points, test_visible)
+    inactive = torch.zeros(3, 2, dtype=torch.bool)
+    train = _loaded_meter(torch.rand(3, 2, 2), train_points, train_visible, inactive)
+    test = _loaded_meter(torch.rand(2, 2, 2), test_points, test_visible, inactive[:2])
     # Keypoint 0: mean (0.3, 0.3) vs (0.6, 0.7) -> 0.5; keypoint 1: mean (3, 3) vs (2, 3) -> 1.0.
     assert keypoint_regression_error(train, test) == pytest.approx(100 * (0.5 + 1.0) / 2)
 
@@ -146,9 +154,10 @@ def test_kpr_meter_stores_bbox_normalised_rows() -> None:
     meter = KeypointRegressionMeter(num_parts=2, num_keypoints=1)
     meter.update(maps[:1], keypoints[:1], bbox[:1], 16)
     meter.update(maps[1:], keypoints[1:], bbox[1:], 16)
-    centroids, points, visible = meter.state_tensors()
+    centroids, active, points, visible = meter.state_tensors()
     assert torch.allclose(centroids[0], torch.tensor([[9.5 / 16, 5.5 / 16], [1.5 / 16, 13.5 / 16]]))
     assert torch.allclose(centroids[1], torch.tensor([[7.5 / 8, 3.5 / 16], [-0.5 / 8, 11.5 / 16]]))
+    assert active.all()
     assert torch.allclose(points[:, 0], torch.tensor([[6 / 16, 8 / 16], [0.0, 0.0]]))
     assert visible.tolist() == [[True], [False]]
 
@@ -164,10 +173,15 @@ def test_kpr_refuses_a_keypoint_never_seen_in_training() -> None:
 
 def test_kpr_meter_rejects_foreign_states() -> None:
     meter = KeypointRegressionMeter(num_parts=2, num_keypoints=3)
+    active = torch.ones(1, 2, dtype=torch.bool)
     with pytest.raises(MetricError, match=r"rows of 'centroids' have shape \(2, 2\) here, got \(4, 2\)"):
-        meter.load_state_tensors([torch.zeros(1, 4, 2), torch.zeros(1, 3, 2), torch.zeros(1, 3, dtype=torch.bool)])
-    with pytest.raises(MetricError, match="equal row counts, got 1, 2, 1"):
-        meter.load_state_tensors([torch.zeros(1, 2, 2), torch.zeros(2, 3, 2), torch.zeros(1, 3, dtype=torch.bool)])
+        meter.load_state_tensors(
+            [torch.zeros(1, 4, 2), active, torch.zeros(1, 3, 2), torch.zeros(1, 3, dtype=torch.bool)]
+        )
+    with pytest.raises(MetricError, match="equal row counts, got 1, 1, 2, 1"):
+        meter.load_state_tensors(
+            [torch.zeros(1, 2, 2), active, torch.zeros(2, 3, 2), torch.zeros(1, 3, dtype=torch.bool)]
+        )
     with pytest.raises(MetricError, match="rows of 'keypoints' have shape"):
         meter.merge(KeypointRegressionMeter(num_parts=2, num_keypoints=5))
     with pytest.raises(MetricError, match="cannot merge a PartDiscoveryMeter into a KeypointRegressionMeter"):
@@ -210,11 +224,9 @@ def test_foreground_iou_edge_cases() -> None:
 
 def test_foreground_is_where_the_first_maximum_is_not_the_background() -> None:
     generator = torch.Generator().manual_seed(0)
-    # Ties (a foreground channel equal to the background wins, as argmax takes the first maximum), NaN
-    # in a foreground channel (argmax's maximum) and in the background, and a background-only map.
+    # Ties (a foreground channel equal to the background wins, as argmax takes the first maximum) and a
+    # background-only map.
     maps = torch.randint(0, 3, (4, 4, 6, 6), generator=generator).float()
-    maps[0, 1, 0, 0] = float("nan")
-    maps[1, 3, 2, 2] = float("nan")
     masks = torch.rand(4, 6, 6, generator=generator)
     for channels in (maps, maps[:, -1:]):
         meter = ForegroundIoUMeter()
@@ -243,3 +255,102 @@ def test_fg_missed_tells_a_background_that_took_the_object_from_spilling_concept
         results[name] = meter.compute()
     assert results["swapped"] == pytest.approx({"fg_iou": 0.0, "fg_missed": 100.0})
     assert results["spilling"] == pytest.approx({"fg_iou": 25.0, "fg_missed": 0.0})
+
+
+def _protocol_kpr_reference(
+    train: tuple[np.ndarray, ...], test: tuple[np.ndarray, ...], zero_first: bool = False
+) -> float:
+    """KPR written out with numpy alone: per keypoint, standardise the centroids of the training images
+    where it is visible, set inactive parts to 0, least squares without intercept, un-standardise.
+
+    ``zero_first`` zeroes the inactive centroids before the standardisation instead (ivpt's old order).
+    Inputs per split: centroids ``(M, N, 2)``, active ``(M, N)``, keypoints ``(M, P, 2)``, visible ``(M, P)``.
+    """
+
+    def standardiser(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = values.std(axis=0)
+        return values.mean(axis=0), np.where(scale > 0, scale, 1.0)
+
+    def features(centroids: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.repeat(active, 2, axis=1)
+        flat = centroids.reshape(len(centroids), -1)
+        return (np.where(mask, flat, 0.0) if zero_first else flat), mask
+
+    errors = []
+    for keypoint in range(train[2].shape[1]):
+        fit, held = train[3][:, keypoint], test[3][:, keypoint]
+        x_fit, active_fit = features(train[0][fit], train[1][fit])
+        x_held, active_held = features(test[0][held], test[1][held])
+        mean_x, scale_x = standardiser(x_fit)
+        y_fit = train[2][fit, keypoint]
+        mean_y, scale_y = standardiser(y_fit)
+        z_fit, z_held = (x_fit - mean_x) / scale_x, (x_held - mean_x) / scale_x
+        if not zero_first:
+            z_fit, z_held = np.where(active_fit, z_fit, 0.0), np.where(active_held, z_held, 0.0)
+        weights = np.linalg.lstsq(z_fit, (y_fit - mean_y) / scale_y, rcond=None)[0]
+        predicted = z_held @ weights * scale_y + mean_y
+        errors.append(np.linalg.norm(predicted - test[2][held, keypoint], axis=1))
+    return 100.0 * float(np.concatenate(errors).mean())
+
+
+def _regression_scene(generator: torch.Generator, images: int, inactive: float):
+    """Maps of 4 parts on an 8 x 8 grid (input 32 px): an active part peaks on one cell, an inactive one is
+    flat below 0.5. Keypoints follow the active parts' peaks; every box is the whole image (0..32)."""
+    parts, keypoints = 4, 3
+    cells = torch.randint(0, 64, (images, parts), generator=generator)
+    active = torch.rand(images, parts, generator=generator) >= inactive
+    logits = torch.zeros(images, parts + 1, 8, 8)
+    logits[:, parts] = 1.0
+    rows = torch.arange(images)
+    for k in range(parts):
+        peak = torch.where(active[:, k], 8.0, 0.5)
+        logits[rows, k, cells[:, k] // 8, cells[:, k] % 8] = peak
+    maps = logits.softmax(dim=1)
+    centre = torch.stack([cells % 8, cells // 8], dim=-1).float() * 4 + 1.5  # (images, parts, 2) pixels
+    mixing = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0], [0.2, 0.0, 0.3, 0.5]])
+    xy = torch.einsum("pk,bkc->bpc", mixing, centre) + torch.randn(images, keypoints, 2, generator=generator)
+    visible = torch.rand(images, keypoints, 1, generator=generator) > 0.2
+    return maps, torch.cat([xy.clamp(0, 31), visible.float()], dim=-1), torch.tensor([[0.0, 0.0, 32.0, 32.0]] * images)
+
+
+def test_kpr_standardises_all_centroids_before_zeroing_the_inactive_parts() -> None:
+    """docs/method.md section 9: an absent part contributes its feature's mean (0 once standardised)."""
+    generator = torch.Generator().manual_seed(11)
+    meters, arrays = [], []
+    for images in (120, 60):
+        maps, keypoints, bbox = _regression_scene(generator, images, inactive=0.3)
+        meter = KeypointRegressionMeter(num_parts=4, num_keypoints=3)
+        meter.update(maps[: images // 2], keypoints[: images // 2], bbox[: images // 2], 32)
+        meter.update(maps[images // 2 :], keypoints[images // 2 :], bbox[images // 2 :], 32)
+        meters.append(meter)
+        # The reference's own centroids: each cell's weight at its centre, (j + 0.5) * 4 - 0.5 pixels.
+        parts = maps[:, :4].double()
+        centre = torch.arange(8, dtype=torch.float64) * 4 + 1.5
+        centroids = torch.stack(
+            [(parts.sum(2) * centre).sum(2), (parts.sum(3) * centre).sum(2)], dim=-1
+        ) / parts.sum((2, 3))[..., None]
+        arrays.append(
+            (
+                (centroids / 32).numpy(),
+                (parts.amax(dim=(2, 3)) > 0.5).numpy(),
+                (keypoints[..., :2].double() / 32).numpy(),
+                (keypoints[..., 2] > 0.5).numpy(),
+            )
+        )
+    assert 0.2 < 1 - arrays[0][1].mean() < 0.4  # about 30 % of the parts are inactive
+    expected = _protocol_kpr_reference(arrays[0], arrays[1])
+    assert keypoint_regression_error(meters[0], meters[1]) == pytest.approx(expected, rel=1e-6)
+    # Zeroing first (ivpt before issue 25) gives another number: the order matters.
+    assert abs(_protocol_kpr_reference(arrays[0], arrays[1], zero_first=True) - expected) > 1.0
+
+
+def test_kpr_box_keeps_the_annotated_size_and_moves_the_corner_into_the_image() -> None:
+    # Edges in a 24 x 24 input: the first box starts 10 px left of the image, the second lies inside.
+    edges = torch.tensor([[-10.5, 3.0, 29.5, 23.0], [2.0, -0.5, 12.0, 4.5]])
+    box = kpr_box(edges, 24)
+    # Widths 40 and 10, heights 20 and 5 stay; the first corner moves to the image's left edge, -0.5.
+    assert box.tolist() == [[-0.5, 3.0, 39.5, 23.0], [2.0, -0.5, 12.0, 4.5]]
+    points = torch.tensor([[[9.5, 13.0]], [[7.0, 2.0]]])
+    assert normalize_to_bbox(points, box).tolist() == [[[0.25, 0.5]], [[0.5, 0.5]]]
+    with pytest.raises(MetricError, match=r"bbox_edges: expected a \(B, 4\) tensor"):
+        kpr_box(torch.zeros(2, 3), 24)

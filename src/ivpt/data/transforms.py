@@ -244,6 +244,21 @@ def transform_box(box: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     return np.clip(hull, 0.0, size - 1.0).astype(np.float32)
 
 
+def transform_box_edges(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Edges ``(left, top, right, bottom)`` of a ``(4,)`` pixel-centre box after ``matrix``, NOT clipped.
+
+    The box ``(x_min, y_min, x_max, y_max)`` covers the pixels whose centres it spans, so its edges lie
+    half a pixel outside: ``x_min - 0.5 .. x_max + 0.5``. Their mapped hull keeps the annotated width and
+    height (times the scale) even where a crop cuts the box, which the KPR protocol divides by
+    (:func:`ivpt.metrics.kpr_box`).
+    """
+    x_min, y_min, x_max, y_max = (float(v) for v in box)
+    left, top, right, bottom = x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5
+    corners = np.array([[left, top], [right, top], [left, bottom], [right, bottom]])
+    mapped = apply_matrix(matrix, corners)
+    return np.concatenate([mapped.min(axis=0), mapped.max(axis=0)]).astype(np.float32)
+
+
 class SampleTransform:
     """Turns a decoded image and its annotations into tensors with one shared geometry.
 
@@ -301,7 +316,9 @@ class SampleTransform:
             generator: RNG for the random choices (torch's global RNG when ``None``).
 
         Returns:
-            ``image (3, S, S)``, ``keypoints (P, 3)``, ``bbox (4,)`` and, with a mask, ``mask (S, S)``.
+            ``image (3, S, S)``, ``keypoints (P, 3)``, ``bbox (4,)`` (clipped to the output),
+            ``bbox_edges (4,)`` (the box's edges, not clipped: :func:`transform_box_edges`) and, with a
+            mask, ``mask (S, S)``.
         """
         plan = self.plan(image.width, image.height, crop_box, generator)
         matrix = plan.matrix
@@ -309,6 +326,7 @@ class SampleTransform:
             "image": self.to_tensor(warp_image(image, plan, Image.Resampling.BILINEAR)),
             "keypoints": torch.from_numpy(transform_keypoints(keypoints, matrix, self.img_size)),
             "bbox": torch.from_numpy(transform_box(box, matrix, self.img_size)),
+            "bbox_edges": torch.from_numpy(transform_box_edges(box, matrix)),
         }
         if mask is not None:
             scale = 1.0 / 255.0 if mask.mode == "L" else 1.0
@@ -331,6 +349,7 @@ __all__ = [
     "sample_augment_params",
     "short_side_size",
     "transform_box",
+    "transform_box_edges",
     "transform_keypoints",
     "translation_matrix",
     "warp_image",

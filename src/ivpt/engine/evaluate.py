@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,17 @@ def resolve_metrics(metrics: Sequence[str] | None, cfg: Config) -> tuple[str, ..
     if not names:
         raise ConfigError(f"no metric requested; choose from {', '.join(METRIC_NAMES)}")
     return names
+
+
+@contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Prefix a :class:`~ivpt.metrics.MetricError` raised inside with ``where`` (the pass, batch and stage)."""
+    from ivpt.metrics import MetricError
+
+    try:
+        yield
+    except MetricError as exc:
+        raise MetricError(f"{where}: {exc}") from None
 
 
 def headline_stage(stage: int, num_stages: int) -> tuple[int, str | None]:
@@ -232,7 +244,8 @@ class _Evaluation:
                 scores = meters["part_discovery"][stage].compute()
                 values["nmi"], values["ari"] = scores["part_nmi"], scores["part_ari"]
             if "kpr" in meters:
-                values["kpr"] = keypoint_regression_error(meters["kpr_train"][stage], meters["kpr"][stage])
+                with _naming(f"stage {stage}"):
+                    values["kpr"] = keypoint_regression_error(meters["kpr_train"][stage], meters["kpr"][stage])
             if "fg_iou" in meters:
                 values.update(meters["fg_iou"][stage].compute())
 
@@ -335,12 +348,13 @@ class _Evaluation:
                 meters["faithfulness"][0].update(*probabilities)
             for stage, maps in enumerate(out.concept_maps):
                 maps = maps.float()
-                if "part_discovery" in meters:
-                    meters["part_discovery"][stage].update(maps, batch["keypoints"], self.img_size)
-                if "kpr" in meters:
-                    meters["kpr"][stage].update(maps, batch["keypoints"], batch["bbox"], self.img_size)
-                if "fg_iou" in meters:
-                    meters["fg_iou"][stage].update(maps, batch["mask"])
+                with _naming(f"{self.split} split, batch {number}, stage {stage}"):
+                    if "part_discovery" in meters:
+                        meters["part_discovery"][stage].update(maps, batch["keypoints"], self.img_size)
+                    if "kpr" in meters:
+                        meters["kpr"][stage].update(maps, batch["keypoints"], self._kpr_box(batch), self.img_size)
+                    if "fg_iou" in meters:
+                        meters["fg_iou"][stage].update(maps, batch["mask"])
         return meters
 
     def _bbox_pass(self) -> dict[str, list[Any]]:
@@ -364,7 +378,9 @@ class _Evaluation:
             )
         if "stability" in self.active:
             meters["stability"] = self._per_stage(
-                lambda k: StabilityMeter(k - 1, self.num_keypoints, device=self.device, **geometry)
+                lambda k: StabilityMeter(
+                    self.dataset.num_classes, k - 1, self.num_keypoints, device=self.device, **geometry
+                )
             )
         cropped = build_dataset(
             self.cfg, self.split, train_transform=False, bbox_crop=True, annotations=self.annotations
@@ -377,16 +393,23 @@ class _Evaluation:
                 generator = self._generator(_STABILITY_STREAM, number)
                 noisy_images = add_stability_noise(images, generator, std=ev.noise_std, clip=ev.noise_clip)
                 noisy = self._forward(noisy_images).concept_maps
+            labels = batch["label"].to(self.device)
             for stage, maps in enumerate(clean):
                 clean_hits = None
-                if "consistency" in meters:
-                    clean_hits = meters["consistency"][stage].update(
-                        maps.float(), batch["keypoints"], batch["label"].to(self.device), self.img_size
-                    )
-                if noisy is not None:
-                    meters["stability"][stage].update(
-                        maps.float(), noisy[stage].float(), batch["keypoints"], self.img_size, clean_hits=clean_hits
-                    )
+                with _naming(f"{self.split} split cropped to the boxes, batch {number}, stage {stage}"):
+                    if "consistency" in meters:
+                        clean_hits = meters["consistency"][stage].update(
+                            maps.float(), batch["keypoints"], labels, self.img_size
+                        )
+                    if noisy is not None:
+                        meters["stability"][stage].update(
+                            maps.float(),
+                            noisy[stage].float(),
+                            batch["keypoints"],
+                            labels,
+                            self.img_size,
+                            clean_hits=clean_hits,
+                        )
         return meters
 
     def _kpr_fit_pass(self) -> list[Any]:
@@ -396,11 +419,20 @@ class _Evaluation:
 
         meters = self._per_stage(lambda k: KeypointRegressionMeter(k - 1, self.num_keypoints))
         train_full = build_dataset(self.cfg, "train_full", train_transform=False, annotations=self.annotations)
-        for _, batch in self._batches(train_full, "train split, for the KPR regressors"):
+        for number, batch in self._batches(train_full, "train split, for the KPR regressors"):
             out = self._forward(batch["image"])
             for stage, maps in enumerate(out.concept_maps):
-                meters[stage].update(maps.float(), batch["keypoints"], batch["bbox"], self.img_size)
+                with _naming(f"train split (KPR regressors), batch {number}, stage {stage}"):
+                    meters[stage].update(maps.float(), batch["keypoints"], self._kpr_box(batch), self.img_size)
         return meters
+
+    def _kpr_box(self, batch: dict[str, Any]) -> Tensor:
+        """The box KPR normalises by (``eval.kpr_box``): the protocol's annotated one, or the clipped one."""
+        from ivpt.metrics import kpr_box
+
+        if self.cfg.eval.kpr_box == "clipped":
+            return batch["bbox"]
+        return kpr_box(batch["bbox_edges"], self.img_size)
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -17,7 +17,8 @@ Every meter follows one pattern, meant for a loop over a data loader::
   meter (count meters add, collecting meters concatenate); ``empty_like()`` and ``reset()`` start over;
   :func:`sync_meter` does the gather-and-merge over ``torch.distributed``.
 - ``compute()`` returns a ``dict[str, float]`` of scores in percent; it raises :class:`MetricError`
-  (an :class:`ivpt.errors.IVPTError`) when nothing was added, as do all shape and label checks.
+  (an :class:`ivpt.errors.IVPTError`) when nothing was added, as do all shape and label checks and maps
+  that hold NaN or infinite values (``ivpt eval`` adds the pass, batch and stage to the message).
 
 Maps are ``(B, K, h, w)`` concept maps with the background as the LAST channel; keypoints are
 ``(B, P, 3)`` ``(x, y, visible)`` in the model-input pixel frame (pixel centres at integers); bounding
@@ -29,11 +30,13 @@ Meters (constructor -> ``update`` arguments -> keys of ``compute()``):
   ``accuracy_top1``, ``accuracy_top5``, ``accuracy_macro``.
 - :class:`ConsistencyMeter` ``(num_classes, num_concepts, num_keypoints, map_size=224, box_half_size=36,
   threshold=0.8)`` -> ``maps, keypoints, labels, input_size`` -> ``consistency``.
-- :class:`StabilityMeter` ``(num_concepts, num_keypoints, map_size=224, box_half_size=36)`` ->
-  ``clean_maps, noisy_maps, keypoints, input_size`` -> ``stability``.
+- :class:`StabilityMeter` ``(num_classes, num_concepts, num_keypoints, map_size=224, box_half_size=36)`` ->
+  ``clean_maps, noisy_maps, keypoints, labels, input_size`` -> ``stability`` (per class, then over the
+  (class, concept) pairs).
 - :class:`PartDiscoveryMeter` ``()`` -> ``maps, keypoints, input_size`` -> ``part_nmi``, ``part_ari``.
-- :class:`KeypointRegressionMeter` ``(num_parts, num_keypoints)`` -> ``maps, keypoints, bbox, input_size``;
-  one meter per split, then ``keypoint_regression_error(train_meter, test_meter) -> float`` (KPR, %).
+- :class:`KeypointRegressionMeter` ``(num_parts, num_keypoints)`` -> ``maps, keypoints, bbox, input_size``
+  (``bbox``: the protocol's :func:`kpr_box` of the data set's ``bbox_edges``); one meter per split, then
+  ``keypoint_regression_error(train_meter, test_meter) -> float`` (KPR, %).
 - :class:`ForegroundIoUMeter` ``()`` -> ``maps, masks (B, H, W)`` -> ``fg_iou``, ``fg_missed``.
 - :class:`FaithfulnessMeter` ``()`` -> ``prob_orig, prob_part_removed, prob_random_removed`` (the three
   outputs of :func:`faithfulness_batch`) -> ``faithfulness``, ``faithfulness_part_drop``,
@@ -73,6 +76,7 @@ from ivpt.metrics.parts import (
     centroids_from_maps,
     keypoint_part_assignments,
     keypoint_regression_error,
+    kpr_box,
     normalize_to_bbox,
 )
 
@@ -98,6 +102,7 @@ __all__ = [
     "keypoint_part_assignments",
     "keypoint_regression_error",
     "keypoints_to_frame",
+    "kpr_box",
     "normalize_to_bbox",
     "part_region_masks",
     "random_region_like",

@@ -41,11 +41,23 @@ def image_size(input_size: int | Sequence[int], what: str = "input_size") -> tup
 
 
 def check_maps(maps: Tensor, name: str = "maps", channels: int | None = None) -> None:
-    """Require ``(B, K, h, w)`` maps, with ``K == channels`` when given."""
+    """Require finite ``(B, K, h, w)`` maps, with ``K == channels`` when given.
+
+    A NaN or an infinity would not fail on its own: it wins every argmax and poisons every centroid, so
+    a broken model would get a score. The caller (``ivpt eval``) adds which stage and batch it was.
+    """
     if maps.dim() != 4:
         raise MetricError(f"{name}: expected a (B, K, h, w) tensor, got shape {tuple(maps.shape)}")
     if channels is not None and maps.shape[1] != channels:
         raise MetricError(f"{name}: expected {channels} channels, got shape {tuple(maps.shape)}")
+    finite = maps.isfinite()
+    if not bool(finite.all()):
+        bad = (~finite).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        shown = ", ".join(str(i) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise MetricError(
+            f"{name}: {int((~finite).sum())} NaN or infinite values, in image(s) {shown} of the batch "
+            f"(shape {tuple(maps.shape)}); the model's maps must be finite"
+        )
 
 
 def check_keypoints(keypoints: Tensor, batch: int, num_keypoints: int | None = None) -> None:

@@ -132,7 +132,7 @@ def _flat_peaks(maps: Tensor, rows: Tensor, columns: Tensor, map_size: int) -> T
     hit, column = near.nonzero(as_tuple=True)
     flat_index = torch.zeros(count, dtype=torch.long, device=device)
     flat_index[map_index[hit]] = row_index[hit] * map_size + column
-    # Non-finite maps too: their peak is wherever torch's kernel puts the first NaN or infinity.
+    # A margin that is not finite (maps near the float range) also leaves the choice to torch's kernel.
     (ambiguous,) = ((near_count > 1) | ~margin.isfinite()).nonzero(as_tuple=True)
     if ambiguous.numel():
         exact = F.interpolate(maps[ambiguous, None], size=(map_size, map_size), mode="bicubic", align_corners=False)
@@ -342,19 +342,23 @@ class StabilityMeter(_HitMeter):
 
     For every image and concept, the ``P``-dim hit vector on the clean image is compared with the one on
     the noisy image (:func:`add_stability_noise`); the concept is stable on that image when the two are
-    identical. Score = mean over concepts of the fraction of stable images, x100.
+    identical. As in Huang et al.'s protocol, the fraction of stable images is taken per class first,
+    then averaged over the (class, concept) pairs of the classes that have at least one image, x100.
+    Classes of different sizes therefore weigh the same, unlike a plain average over all images.
 
     Args:
-        num_concepts, num_keypoints, map_size, box_half_size, background, device: as for
+        num_classes, num_concepts, num_keypoints, map_size, box_half_size, background, device: as for
             :class:`ConsistencyMeter`.
 
-    State: ``stable (K,)`` count of images where each concept is stable, ``images ()`` image count.
+    State: ``stable (C, K)`` count of the images of each class where each concept is stable,
+    ``images (C,)`` image count per class.
     """
 
     _state_names = ("stable", "images")
 
     def __init__(
         self,
+        num_classes: int,
         num_concepts: int,
         num_keypoints: int,
         map_size: int = 224,
@@ -362,12 +366,15 @@ class StabilityMeter(_HitMeter):
         background: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
+        if num_classes < 1:
+            raise MetricError(f"StabilityMeter: num_classes must be at least 1, got {num_classes}")
         super().__init__(num_concepts, num_keypoints, map_size, box_half_size, background, device)
+        self.num_classes = num_classes
         self.reset()
 
     def reset(self) -> None:
-        self.stable = torch.zeros(self.num_concepts, dtype=torch.long, device=self.device)
-        self.images = torch.zeros((), dtype=torch.long, device=self.device)
+        self.stable = torch.zeros(self.num_classes, self.num_concepts, dtype=torch.long, device=self.device)
+        self.images = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def update(
@@ -375,10 +382,12 @@ class StabilityMeter(_HitMeter):
         clean_maps: Tensor,
         noisy_maps: Tensor,
         keypoints: Tensor,
+        labels: Tensor,
         input_size: int | Sequence[int],
         clean_hits: Tensor | None = None,
     ) -> None:
-        """Add a batch: maps ``(B, K, h, w)`` of the clean and the noisy images, keypoints ``(B, P, 3)``.
+        """Add a batch: maps ``(B, K, h, w)`` of the clean and the noisy images, keypoints ``(B, P, 3)``,
+        labels ``(B,)``.
 
         ``clean_hits``: the ``(B, num_concepts, P)`` hits of ``clean_maps`` when they are already known
         (what :meth:`ConsistencyMeter.update` returns for the same maps and geometry); computed otherwise.
@@ -387,6 +396,7 @@ class StabilityMeter(_HitMeter):
             raise MetricError(
                 f"noisy_maps: expected the shape of clean_maps {tuple(clean_maps.shape)}, got {tuple(noisy_maps.shape)}"
             )
+        check_labels(labels, clean_maps.shape[0], self.num_classes)
         noisy = self._hits(noisy_maps, keypoints, input_size, "noisy_maps")
         if clean_hits is None:
             clean = self._hits(clean_maps, keypoints, input_size, "clean_maps")
@@ -397,11 +407,13 @@ class StabilityMeter(_HitMeter):
             )
         else:
             clean = clean_hits.to(self.device)
-        self.stable += (clean == noisy).all(dim=2).long().sum(dim=0)
-        self.images += clean_maps.shape[0]
+        labels = labels.to(self.device)
+        self.stable.index_add_(0, labels, (clean == noisy).all(dim=2).long())
+        self.images.index_add_(0, labels, torch.ones_like(labels))
 
     def compute(self) -> dict[str, float]:
-        if int(self.images) == 0:
+        seen = self.images > 0
+        if not bool(seen.any()):
             raise MetricError("StabilityMeter: no images were added before compute()")
-        per_concept = self.stable.double() / float(self.images)
-        return {"stability": 100.0 * float(per_concept.mean())}
+        per_pair = self.stable[seen].double() / self.images[seen, None].double()  # (classes seen, K)
+        return {"stability": 100.0 * float(per_pair.mean())}

@@ -98,27 +98,59 @@ def normalize_to_bbox(points_xy: Tensor, bbox: Tensor) -> Tensor:
     return (points_xy.float() - origin) / size
 
 
+def kpr_box(bbox_edges: Tensor, input_size: int | Sequence[int]) -> Tensor:
+    """The box that KPR normalises coordinates by in the PDiscoFormer protocol (docs/method.md section 9).
+
+    Its width and height are those of the annotated box (mapped to the input frame, not clipped to it);
+    its origin is the annotated box's top-left corner moved inside the image when the crop cut it off,
+    as the protocol's evaluation code does.
+
+    Args:
+        bbox_edges: ``(B, 4)`` ``(left, top, right, bottom)`` edges of the annotated boxes in the input
+            frame, unclipped (the dataset's ``bbox_edges``; pixel centres at integers, so the image spans
+            ``[-0.5, W - 0.5]``).
+        input_size: ``S`` or ``(H, W)`` of the model input.
+
+    Returns:
+        ``(B, 4)`` ``(x_min, y_min, x_min + width, y_min + height)``, for :func:`normalize_to_bbox`.
+    """
+    if bbox_edges.dim() != 2 or bbox_edges.shape[1] != 4:
+        raise MetricError(
+            f"bbox_edges: expected a (B, 4) tensor of (left, top, right, bottom), got {tuple(bbox_edges.shape)}"
+        )
+    height, width = image_size(input_size)
+    edges = bbox_edges.float()
+    size = edges[:, 2:] - edges[:, :2]
+    low = edges.new_tensor([-0.5, -0.5])
+    origin = torch.minimum(torch.maximum(edges[:, :2], low), low + edges.new_tensor([width, height]))
+    return torch.cat([origin, origin + size], dim=1)
+
+
 def centroids_from_maps(
     maps: Tensor,
     bbox: Tensor,
     input_size: int | Sequence[int],
     background: bool = True,
     active_threshold: float = 0.5,
-) -> Tensor:
-    """Map-weighted centroid of every foreground part, normalised by the bounding box.
+) -> tuple[Tensor, Tensor]:
+    """Map-weighted centroid of every foreground part, normalised by the bounding box, and its activity.
 
     The centroid is computed on the native ``h x w`` grid with each cell placed at its centre in the input
     frame (``x = (j + 0.5) * W / w - 0.5``), which is what bilinear upsampling followed by a centroid gives
     up to border effects, without the upsampling. A part is active on an image when its map's maximum
-    exceeds ``active_threshold``; inactive parts get centroid ``(0, 0)``.
+    exceeds ``active_threshold``. Centroids are returned for every part, active or not: the KPR protocol
+    standardises them all and only then sets the inactive ones to zero (see
+    :func:`keypoint_regression_error`).
 
     Args:
         maps: ``(B, K, h, w)`` soft maps; with ``background`` the last channel is dropped.
-        bbox: ``(B, 4)`` ``(x_min, y_min, x_max, y_max)`` in the input frame.
+        bbox: ``(B, 4)`` ``(x_min, y_min, x_max, y_max)`` box to normalise by, in the input frame (see
+            :func:`normalize_to_bbox` and :func:`kpr_box`).
         input_size: ``S`` or ``(H, W)`` of the model input.
 
     Returns:
-        ``(B, N, 2)`` ``(x, y)`` with ``N = K - 1`` (or ``K`` without background).
+        ``(B, N, 2)`` ``(x, y)`` centroids and ``(B, N)`` bool activity, with ``N = K - 1`` (or ``K``
+        without background).
     """
     check_maps(maps)
     if bbox.shape[:1] != maps.shape[:1]:
@@ -132,16 +164,15 @@ def centroids_from_maps(
     centre_x = (parts.sum(dim=2) * xs).sum(dim=2) / mass
     centre_y = (parts.sum(dim=3) * ys).sum(dim=2) / mass
     centroids = normalize_to_bbox(torch.stack([centre_x, centre_y], dim=-1), bbox)
-    active = parts.amax(dim=(2, 3)) > active_threshold
-    return centroids * active[..., None]
+    return centroids, parts.amax(dim=(2, 3)) > active_threshold
 
 
 class KeypointRegressionMeter(CollectMeter):
-    """Collects, per image, the part centroids and the keypoints, both normalised by the bounding box.
+    """Collects, per image, the part centroids and the keypoints, both normalised by a box.
 
     Feed one meter with the training split (under the test transform) and one with the test split, then
-    call :func:`keypoint_regression_error`. Rows: ``centroids (M, N, 2)``, ``keypoints (M, P, 2)``,
-    ``visible (M, P)``.
+    call :func:`keypoint_regression_error`. Rows: ``centroids (M, N, 2)`` (of every part, active or not),
+    ``active (M, N)``, ``keypoints (M, P, 2)``, ``visible (M, P)``.
 
     Args:
         num_parts: ``N`` foreground parts.
@@ -149,7 +180,7 @@ class KeypointRegressionMeter(CollectMeter):
         background: the maps carry a trailing background channel.
     """
 
-    _state_names = ("centroids", "keypoints", "visible")
+    _state_names = ("centroids", "active", "keypoints", "visible")
 
     def __init__(self, num_parts: int, num_keypoints: int, background: bool = True) -> None:
         if num_parts < 1 or num_keypoints < 1:
@@ -165,34 +196,43 @@ class KeypointRegressionMeter(CollectMeter):
     def _empty_state(self, name: str) -> Tensor:
         if name == "centroids":
             return torch.zeros(0, self.num_parts, 2)
+        if name == "active":
+            return torch.zeros(0, self.num_parts, dtype=torch.bool)
         if name == "keypoints":
             return torch.zeros(0, self.num_keypoints, 2)
         return torch.zeros(0, self.num_keypoints, dtype=torch.bool)
 
     @torch.no_grad()
     def update(self, maps: Tensor, keypoints: Tensor, bbox: Tensor, input_size: int | Sequence[int]) -> None:
-        """Add a batch: maps ``(B, K, h, w)``, keypoints ``(B, P, 3)``, bbox ``(B, 4)`` in the input frame."""
+        """Add a batch: maps ``(B, K, h, w)``, keypoints ``(B, P, 3)`` in the input frame.
+
+        ``bbox (B, 4)``: the box to normalise by, ``(x_min, y_min)`` its origin and
+        ``(x_max - x_min, y_max - y_min)`` its size. The protocol's is :func:`kpr_box` of the data set's
+        ``bbox_edges``; ``ivpt eval`` passes that unless ``eval.kpr_box=clipped``.
+        """
         check_maps(maps, "maps", self.num_parts + int(self.background))
         check_keypoints(keypoints, maps.shape[0], self.num_keypoints)
-        centroids = centroids_from_maps(maps, bbox, input_size, self.background)
+        centroids, active = centroids_from_maps(maps, bbox, input_size, self.background)
         points = normalize_to_bbox(keypoints[..., :2], bbox)
-        self._append(centroids, points, keypoints[..., 2] > 0.5)
+        self._append(centroids, active, points, keypoints[..., 2] > 0.5)
 
 
 def keypoint_regression_error(train: KeypointRegressionMeter, test: KeypointRegressionMeter) -> float:
     """Keypoint regression error (KPR), in percent of the bounding-box size.
 
-    Follows the protocol of Huang & Li (CVPR 2020) used by PDiscoFormer: for each keypoint separately,
-    a ``StandardScaler`` on the centroids (``2N`` features), a ``StandardScaler`` on the keypoint's
-    ``(x, y)`` and a ``LinearRegression(fit_intercept=False)`` are fitted on the training images where that
-    keypoint is visible (so invisible keypoints never enter a target). On the test images where it is
-    visible, the error is the Euclidean distance between prediction and truth in box-normalised units
-    (``x`` divided by the box width, ``y`` by its height). The result is the mean over all visible test
-    keypoints, x100.
+    Follows the protocol of Huang & Li (CVPR 2020) as used by PDiscoFormer: for each keypoint separately,
+    on the training images where that keypoint is visible (so invisible keypoints never enter a target),
+    a ``StandardScaler`` is fitted on the centroids of all parts (``2N`` features) and one on the
+    keypoint's ``(x, y)``; the standardised centroids of inactive parts are then set to 0 (the feature's
+    training mean: an absent part carries no information) and a ``LinearRegression(fit_intercept=False)``
+    is fitted. Test centroids go through the same scaler and zeroing. On the test images where the
+    keypoint is visible, the error is the Euclidean distance between prediction and truth in
+    box-normalised units (``x`` divided by the box width, ``y`` by its height). The result is the mean
+    over all visible test keypoints, x100.
 
     Raises:
-        MetricError: a keypoint visible in the test data was never visible in the training data, or no
-            test keypoint is visible.
+        MetricError: a keypoint visible in the test data was never visible in the training data, no test
+            keypoint is visible, or a meter holds non-finite values.
     """
     if (train.num_parts, train.num_keypoints) != (test.num_parts, test.num_keypoints):
         raise MetricError(
@@ -202,8 +242,8 @@ def keypoint_regression_error(train: KeypointRegressionMeter, test: KeypointRegr
     from sklearn.linear_model import LinearRegression  # slow imports, used once per evaluation
     from sklearn.preprocessing import StandardScaler
 
-    train_features, train_points, train_visible = _as_numpy(train)
-    test_features, test_points, test_visible = _as_numpy(test)
+    train_features, train_active, train_points, train_visible = _as_numpy(train, "train")
+    test_features, test_active, test_points, test_visible = _as_numpy(test, "test")
     if not test_visible.any():
         raise MetricError("keypoint_regression_error: no visible keypoint in the test data")
     distances: list[np.ndarray] = []
@@ -218,22 +258,31 @@ def keypoint_regression_error(train: KeypointRegressionMeter, test: KeypointRegr
             )
         feature_scaler = StandardScaler().fit(train_features[fit_rows])
         target_scaler = StandardScaler().fit(train_points[fit_rows, keypoint])
+        fit_features = np.where(train_active[fit_rows], feature_scaler.transform(train_features[fit_rows]), 0.0)
         regressor = LinearRegression(fit_intercept=False).fit(
-            feature_scaler.transform(train_features[fit_rows]),
-            target_scaler.transform(train_points[fit_rows, keypoint]),
+            fit_features, target_scaler.transform(train_points[fit_rows, keypoint])
         )
-        predicted = target_scaler.inverse_transform(
-            regressor.predict(feature_scaler.transform(test_features[eval_rows]))
-        )
+        eval_features = np.where(test_active[eval_rows], feature_scaler.transform(test_features[eval_rows]), 0.0)
+        predicted = target_scaler.inverse_transform(regressor.predict(eval_features))
         distances.append(np.linalg.norm(predicted - test_points[eval_rows, keypoint], axis=1))
     return 100.0 * float(np.concatenate(distances).mean())
 
 
-def _as_numpy(meter: KeypointRegressionMeter) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(M, 2N)`` float64 features, ``(M, P, 2)`` float64 keypoints, ``(M, P)`` bool visibility."""
-    centroids, points, visible = meter.state_tensors()
+def _as_numpy(meter: KeypointRegressionMeter, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(M, 2N)`` float64 features and their ``(M, 2N)`` activity, ``(M, P, 2)`` float64 keypoints,
+    ``(M, P)`` bool visibility."""
+    centroids, active, points, visible = meter.state_tensors()
+    for name, values in (("centroids", centroids), ("keypoints", points)):
+        if not bool(values.isfinite().all()):
+            rows = (~values.isfinite()).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            raise MetricError(
+                f"keypoint_regression_error: the {split} meter's {name} are NaN or infinite in rows "
+                f"{rows[:5]}{' ...' if len(rows) > 5 else ''}"
+            )
     features = centroids.double().flatten(1).numpy()
-    return features, points.double().numpy(), visible.numpy()
+    # (x, y) of each part side by side, as in the features.
+    feature_active = active.repeat_interleave(2, dim=1).numpy()
+    return features, feature_active, points.double().numpy(), visible.numpy()
 
 
 class ForegroundIoUMeter(CountMeter):
@@ -276,10 +325,9 @@ class ForegroundIoUMeter(CountMeter):
         upsampled = F.interpolate(maps.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
         # "The argmax is not the background (last) channel", without an argmax along the strided channel
         # dimension (50x slower): the first maximum is a foreground channel exactly when the foreground
-        # maximum reaches the background value, or is NaN (which argmax takes for the maximum).
+        # maximum reaches the background value (the maps are finite, see check_maps).
         if maps.shape[1] > 1:
-            foreground_max = upsampled[:, :-1].amax(dim=1)
-            predicted = (foreground_max >= upsampled[:, -1]) | foreground_max.isnan()
+            predicted = upsampled[:, :-1].amax(dim=1) >= upsampled[:, -1]
         else:  # the background alone
             predicted = torch.zeros_like(upsampled[:, 0], dtype=torch.bool)
         truth = masks.to(predicted.device) > 0.5
