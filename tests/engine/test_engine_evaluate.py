@@ -177,19 +177,23 @@ class _NonFiniteAt(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("metric", "where"),
+    ("metric", "call", "stage", "where"),
     [
-        ("part_discovery", "test split, batch 2, stage 1"),
-        ("kpr", "test split, batch 2, stage 1"),
-        ("consistency", "test split cropped to the boxes, batch 2, stage 1"),
+        # Forward 0 is the probe, forwards 1-4 the four test batches of 8: forward 3 is batch 2.
+        ("part_discovery", 3, 1, "test split, batch 2, stage 1"),
+        ("kpr", 3, 1, "test split, batch 2, stage 1"),
+        ("consistency", 3, 1, "test split cropped to the boxes, batch 2, stage 1"),
+        # Faithfulness runs three forwards per batch (the images, then two with a region blurred out).
+        ("faithfulness", 4, 2, "test split, batch 1, stage 2"),
     ],
 )
-def test_non_finite_maps_fail_naming_the_pass_batch_and_stage(checkpoint: Path, metric: str, where: str) -> None:
+def test_non_finite_maps_fail_naming_the_pass_batch_and_stage(
+    checkpoint: Path, metric: str, call: int, stage: int, where: str
+) -> None:
     from ivpt.metrics import MetricError
 
     model, cfg, _ = load_checkpoint(checkpoint)
-    # Forward 0 is the probe, forwards 1-4 the four test batches of 8: forward 3 is batch 2.
-    poisoned = _NonFiniteAt(model, call=3, stage=1)
+    poisoned = _NonFiniteAt(model, call=call, stage=stage)
     with pytest.raises(MetricError, match=rf"^{where}: maps: 1 NaN or infinite values, in image\(s\) 7 of the batch"):
         evaluate(poisoned, cfg, [metric], device="cpu")
 

@@ -15,7 +15,8 @@ What runs on which images:
 Part metrics are computed for EVERY prototype stage (``per_stage``); the headline numbers are those of
 ``eval.stage`` (Python index, -3 = stage S-2 by default). Metrics that cannot apply (no keypoints, no
 masks, a method without concept maps or parts) are ``null`` with a sentence in ``notes``; nothing is
-silently left out. Every score is in percent.
+silently left out. Every score is in percent. Maps holding NaN or infinite values raise
+:class:`~ivpt.metrics.MetricError` naming the pass, the batch and the stage.
 
 Everything streams: meters keep small per-image summaries, never maps. Under ``torchrun`` the batches
 are dealt out to the ranks and the meters merged, and the random draws (stability noise, random regions
@@ -339,12 +340,13 @@ class _Evaluation:
             if "accuracy" in meters:
                 meters["accuracy"][0].update(out.logits.float(), batch["label"].to(self.device))
             if "faithfulness" in meters:
-                probabilities = faithfulness_batch(
-                    lambda x: self._forward(x).logits,
-                    images,
-                    out,
-                    generator=self._generator(_FAITHFULNESS_STREAM, number),
-                )
+                with _naming(f"{self.split} split, batch {number}, stage {len(out.concept_maps) - 1}"):
+                    probabilities = faithfulness_batch(
+                        lambda x: self._forward(x).logits,
+                        images,
+                        out,
+                        generator=self._generator(_FAITHFULNESS_STREAM, number),
+                    )
                 meters["faithfulness"][0].update(*probabilities)
             for stage, maps in enumerate(out.concept_maps):
                 maps = maps.float()
