@@ -9,6 +9,7 @@ import yaml
 
 from ivpt.config import Config, load_config, preset_names, resolve_config_file
 from ivpt.errors import ConfigError
+from ivpt.model.preprocessing import Preprocessing, preprocessing_of
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "src" / "ivpt" / "configs").glob("*.yaml"))
@@ -18,7 +19,9 @@ def test_defaults_are_the_paper_recipe():
     cfg = Config()
     assert cfg.model.n_pro == (17, 14, 11, 8, 5)
     assert cfg.model.arch == "vit_base_patch14_reg4_dinov2.lvd142m"
-    assert cfg.model.img_size == 518
+    # Input size and normalisation come from the backbone's timm pretrained config unless set.
+    assert cfg.model.img_size is None and cfg.data.mean is None and cfg.data.std is None
+    assert preprocessing_of(cfg) == Preprocessing(518, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert (cfg.optim.lr_head, cfg.optim.lr_prototypes, cfg.optim.grad_clip) == (1e-2, 2e-4, 2.0)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.seed) == (25, 16, 42)
 
@@ -51,8 +54,8 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
         ("train.epochs=three", "config key 'train.epochs': expected int, got 'three'"),
         ("train.epochs=2.5", "config key 'train.epochs': expected int, got 2.5"),
         ("model.pretrained=maybe", "config key 'model.pretrained': expected bool"),
-        ("train.precision=fp8", "config key 'train.precision': expected one of 'fp32', 'bf16', 'fp16'"),
-        ("model.method=resnet", "expected one of 'ivpt', 'vpt_shallow'"),
+        ("train.precision=fp8", "config key 'train.precision': expected one of fp32, bf16, fp16"),
+        ("model.method=resnet", "expected one of ivpt, vpt_shallow"),
         ("model.n_pro=[5,x]", "config key 'model.n_pro': expected a list of int"),
         ("model.n_pro=[5,1]", "every stage needs at least 2 prototypes"),
         ("data.val_fraction=1.5", "'data.val_fraction': must be in [0, 1)"),

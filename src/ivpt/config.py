@@ -13,17 +13,33 @@ The resolved config is written beside each run's outputs (``config.yaml``) and s
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
 from ivpt.errors import ConfigError
 
+# The choices of the model options: the config fields below, ``ivpt.create_model``'s keywords and the
+# command line's ``choices`` all read them from here.
 Method = Literal["ivpt", "vpt_shallow", "vpt_deep", "vpt_deep_proto", "last_layer_proto", "linear_probe"]
+FreezeMode = Literal["tokens", "frozen", "full"]
+Pooling = Literal["ifa", "soft"]
+FusionTarget = Literal["final", "chain"]
+Augment = Literal["paper", "flip", "none"]
+Dataset = Literal["cub", "nabirds", "folder"]
+Precision = Literal["fp32", "bf16", "fp16"]
+METHODS: tuple[str, ...] = get_args(Method)
+FREEZE_MODES: tuple[str, ...] = get_args(FreezeMode)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+FUSION_TARGETS: tuple[str, ...] = get_args(FusionTarget)
+AUGMENTS: tuple[str, ...] = get_args(Augment)
+DATASETS: tuple[str, ...] = get_args(Dataset)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass
@@ -32,7 +48,8 @@ class ModelConfig:
 
     method: Method = "ivpt"
     arch: str = "vit_base_patch14_reg4_dinov2.lvd142m"
-    img_size: int = 518
+    # Input side in pixels; unset (null): the backbone's timm pretrained_cfg input size.
+    img_size: int | None = None
     # Prototypes per stage, shallow to deep; the last count of each stage includes the background.
     n_pro: tuple[int, ...] = (17, 14, 11, 8, 5)
     pretrained: bool = True
@@ -41,12 +58,12 @@ class ModelConfig:
     # Extra keyword arguments for timm.create_model (e.g. {depth: 4, embed_dim: 64} for tiny test nets).
     backbone_args: dict[str, Any] = field(default_factory=dict)
     spatial_bias: bool = True
-    pooling: Literal["ifa", "soft"] = "ifa"
+    pooling: Pooling = "ifa"
     cross_layer: bool = True
     fusion: bool = True
-    fusion_target: Literal["final", "chain"] = "final"
+    fusion_target: FusionTarget = "final"
     gumbel_tau: float = 1.0
-    freeze: Literal["tokens", "frozen", "full"] = "tokens"
+    freeze: FreezeMode = "tokens"
     # Learned prompt tokens per layer for the VPT baselines.
     vpt_prompts: int = 10
     grad_checkpointing: bool = False
@@ -59,7 +76,7 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are augmented."""
 
-    dataset: Literal["cub", "nabirds", "folder"] = "cub"
+    dataset: Dataset = "cub"
     root: str = "data/CUB_200_2011"
     # Fraction of the official train split held out for model selection (never the test split).
     val_fraction: float = 0.1
@@ -67,10 +84,11 @@ class DataConfig:
     # Image folders with a single tree (no train/ and test/): fraction of each class used for training.
     folder_train_ratio: float = 0.8
     folder_split_seed: int = 0
-    augment: Literal["paper", "flip", "none"] = "paper"
+    augment: Augment = "paper"
     num_workers: int = 4
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # Per-channel normalisation (RGB); unset (null): the backbone's timm pretrained_cfg mean / std.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -120,7 +138,7 @@ class TrainConfig:
     # Per-process batch size.
     batch_size: int = 16
     grad_accum: int = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     device: str = "auto"
     out_dir: str = "runs/ivpt"
     seed: int = 42
@@ -196,10 +214,26 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+# What a YAML file or an override may write for "unset" in an optional field.
+_NULL_WORDS = ("null", "none", "~", "")
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """``X`` for an annotation ``X | None``, else ``None``."""
+    if get_origin(tp) in (Union, types.UnionType):
+        inner = [arg for arg in get_args(tp) if arg is not type(None)]
+        if len(inner) == 1 and len(get_args(tp)) == 2:
+            return inner[0]
+    return None
+
+
 def _type_name(tp: Any) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_type_name(inner)} or null"
     origin = get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
     if origin is tuple:
         return f"a list of {_type_name(get_args(tp)[0])}"
     if origin is dict:
@@ -213,6 +247,14 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
+    inner = _optional_inner(tp)
+    if inner is not None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL_WORDS):
+            return None
+        try:
+            return coerce(value, inner, key)
+        except ConfigError:
+            raise bad from None
     if origin is Literal:
         if value not in get_args(tp):
             raise bad
@@ -367,7 +409,7 @@ def validate(cfg: Config) -> None:
             f"config key 'model.n_pro': every stage needs at least 2 prototypes (>= 1 foreground + "
             f"background), got {list(cfg.model.n_pro)}"
         )
-    if cfg.model.img_size <= 0:
+    if cfg.model.img_size is not None and cfg.model.img_size <= 0:
         raise ConfigError(f"config key 'model.img_size': must be positive, got {cfg.model.img_size}")
     if cfg.model.cache_features and cfg.data.augment == "paper":
         raise ConfigError(
@@ -384,5 +426,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(getattr(cfg, section), name)}")
-    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise ConfigError("config keys 'data.mean' / 'data.std': expected three values (R, G, B)")
+    for key in ("mean", "std"):
+        values = getattr(cfg.data, key)
+        if values is not None and len(values) != 3:
+            raise ConfigError(f"config key 'data.{key}': expected three values (R, G, B) or null, got {list(values)}")

@@ -14,6 +14,7 @@ from data_layouts import BOX, CUB_CLASSES, HEIGHT, KEYPOINTS, PARTS, PER_CLASS, 
 from ivpt.config import Config
 from ivpt.data import build_dataset, check_dataset, load_annotations
 from ivpt.errors import DataError
+from ivpt.model.preprocessing import preprocessing_of
 
 
 def test_cub_samples_carry_transformed_annotations(cub_root: Path, make_cfg: Callable[..., Config]) -> None:
@@ -26,8 +27,9 @@ def test_cub_samples_carry_transformed_annotations(cub_root: Path, make_cfg: Cal
     sample = test[2]  # class 1, third image (k = 2)
     assert sample["label"] == 1 and sample["index"] == 2
     assert sample["image"].shape == (3, 24, 24) and sample["mask"].shape == (24, 24)
-    # The image is one flat colour: after normalisation every pixel holds that colour.
-    expected = (torch.tensor(image_colour(1, 2)) / 255.0 - torch.tensor(cfg.data.mean)) / torch.tensor(cfg.data.std)
+    # The image is one flat colour: after normalisation (the backbone's mean / std) every pixel holds that colour.
+    prep = preprocessing_of(cfg)
+    expected = (torch.tensor(image_colour(1, 2)) / 255.0 - torch.tensor(prep.mean)) / torch.tensor(prep.std)
     assert torch.allclose(sample["image"][:, 12, 12], expected, atol=0.05)
 
     # 48 x 36 -> 32 x 24 (scale 2/3), centre crop drops 4 columns on the left.

@@ -12,11 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-import ivpt.demo.backbone as demo_backbone
-from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS, TOKEN_STRIDE, WEIGHTS_FILE, stem_strides
+import ivpt.model.demo_vit as demo_backbone
 from ivpt.demo.pretrain import token_stride, weight_file_recipe
-from ivpt.demo.recipe import PretrainRecipe
+from ivpt.demo.recipe import TOKEN_STRIDES, PretrainRecipe
 from ivpt.errors import IVPTError
+from ivpt.model.demo_vit import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS, TOKEN_STRIDE, WEIGHTS_FILE, stem_strides
 
 MAX_WEIGHTS_BYTES = 10 * 1024 * 1024
 
@@ -93,6 +93,8 @@ def test_shipped_weights_were_written_by_the_default_recipe() -> None:
 def test_default_token_stride_is_the_shipped_one_and_others_are_rejected() -> None:
     assert PretrainRecipe().token_stride == TOKEN_STRIDE == weight_file_recipe(WEIGHTS_FILE)["token_stride"] == 4
     assert stem_strides() == demo_backbone.STEM_STRIDES == (2, 1, 2, 1, 1, 1)
+    # The command line's torch-free copy of the strides the stem can give.
+    assert demo_backbone.TOKEN_STRIDES == TOKEN_STRIDES == (2, 4, 8)
     with pytest.raises(IVPTError, match="ivpt_demo_vit: token_stride must be one of 2, 4, 8, got 3"):
         timm.create_model(DEMO_ARCH, pretrained=False, token_stride=3)
 

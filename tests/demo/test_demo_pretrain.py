@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from ivpt.cli import main
 from ivpt.data.synthetic import render_synthetic
-from ivpt.demo.backbone import DEMO_ARCH
 from ivpt.demo.data import ensure_synthetic
 from ivpt.demo.pretrain import (
     APPEARANCE,
@@ -35,6 +34,7 @@ from ivpt.demo.pretrain import (
 )
 from ivpt.demo.recipe import PretrainRecipe
 from ivpt.errors import IVPTError
+from ivpt.model.demo_vit import DEMO_ARCH
 
 # 3 classes x 8 images, 2 held out per class: 18 training images, four batches of 4 per epoch.
 TINY = PretrainRecipe(seed=5, epochs=1, num_classes=3, per_class=8, test_per_class=2, batch_size=4)
@@ -161,8 +161,8 @@ def test_token_stride_8_backbone_records_it_and_the_demo_builds_its_8x8_grid(tmp
 def test_files_from_before_the_token_stride_option_load_at_their_stride_of_8(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from ivpt.demo.backbone import DEMO_VIT_ARGS
     from ivpt.demo.run import backbone_file_overrides
+    from ivpt.model.demo_vit import DEMO_VIT_ARGS
 
     older = tmp_path / "older.safetensors"
     metadata = {"arch": DEMO_ARCH, "arch_args": json.dumps({**DEMO_VIT_ARGS, "stem_channels": [24]}), "recipe": "{}"}

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from ivpt.config import Config
-from ivpt.demo.backbone import DEMO_ARCH
 from ivpt.demo.run import (
     FAST_PLAN,
     FULL_PLAN,
@@ -23,6 +22,7 @@ from ivpt.demo.run import (
     table_row,
 )
 from ivpt.errors import IVPTError
+from ivpt.model.demo_vit import DEMO_ARCH
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -54,8 +54,11 @@ def test_explain_agrees_with_the_model(tiny: Callable, fusion_target: str) -> No
 
     # the same forward by hand, through the data module's test transform
     from ivpt.data.transforms import SampleTransform
+    from ivpt.model.preprocessing import preprocessing_of
 
-    pixels = SampleTransform(32, "none", cfg.data.mean, cfg.data.std)(
+    prep = preprocessing_of(cfg)
+    assert (prep.mean, prep.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # vit_tiny_patch16_224's timm config
+    pixels = SampleTransform(32, "none", prep.mean, prep.std)(
         _photo().convert("RGB"), np.zeros((0, 3), np.float32), np.array([0, 0, 52, 40], np.float32)
     )["image"]
     with torch.no_grad():

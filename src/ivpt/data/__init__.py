@@ -37,8 +37,11 @@ def build_dataset(
 ) -> PartImageDataset:
     """Build one split of the data set described by ``cfg.data`` at resolution ``cfg.model.img_size``.
 
+    Unset ``model.img_size`` / ``data.mean`` / ``data.std`` come from the backbone
+    (:func:`ivpt.model.preprocessing.preprocessing_of`).
+
     Args:
-        cfg: the run's config (``data`` section and ``model.img_size``).
+        cfg: the run's config (``data`` section, ``model.img_size`` and ``model.arch``).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"train_full"``.
         train_transform: apply ``cfg.data.augment``; ``None`` means "for the train splits only".
         bbox_crop: crop each image to its bounding box, resized to ``img_size x img_size``.
@@ -51,9 +54,10 @@ def build_dataset(
     notes = annotations if annotations is not None else load_annotations(data)
     indices = split_indices(notes.labels, notes.is_train, split, data.val_fraction, data.val_seed)
     augment_now = split in ("train", "train_full") if train_transform is None else train_transform
-    transform = SampleTransform(
-        cfg.model.img_size, data.augment if augment_now else "none", mean=data.mean, std=data.std
-    )
+    from ivpt.model.preprocessing import preprocessing_of
+
+    prep = preprocessing_of(cfg)
+    transform = SampleTransform(prep.img_size, data.augment if augment_now else "none", mean=prep.mean, std=prep.std)
     return PartImageDataset(notes, indices, transform, bbox_crop=bbox_crop, with_masks=with_masks)
 
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ivpt.config import DATASETS, DataConfig
 from ivpt.data.annotations import Annotations, ProblemLog, read_part_annotations
 from ivpt.data.folder import read_folder_annotations
 from ivpt.errors import DataError
-
-if TYPE_CHECKING:
-    from ivpt.config import DataConfig
-
-DATASETS: tuple[str, ...] = ("cub", "nabirds", "folder")
 
 
 def read_annotations(

@@ -27,17 +27,17 @@ used, which the training engine seeds per data-loader worker, so runs are reprod
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-Augment = Literal["paper", "flip", "none"]
-AUGMENTS: tuple[str, ...] = ("paper", "flip", "none")
+from ivpt.config import AUGMENTS, Augment
+from ivpt.errors import IVPTError
 
 # RandomAffine ranges of the official recipe.
 MAX_ROTATION_DEG = 90.0
@@ -336,6 +336,42 @@ class SampleTransform:
         return sample
 
 
+def image_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], augment: Augment = "none"
+) -> Callable[[Image.Image], Tensor]:
+    """A bare image's transform: any PIL image -> normalised ``(3, img_size, img_size)`` tensor.
+
+    ``augment="none"`` is the test transform; the others draw from torch's global RNG.
+    """
+    transform = SampleTransform(img_size, augment, mean, std)
+    no_keypoints = np.zeros((0, 3), dtype=np.float32)
+
+    def apply(image: Image.Image) -> Tensor:
+        rgb = image.convert("RGB")
+        whole = np.array([0.0, 0.0, rgb.width - 1.0, rgb.height - 1.0], dtype=np.float32)
+        return transform(rgb, no_keypoints, whole)["image"]
+
+    return apply
+
+
+def transforms_for(model: Any, train: bool = False, augment: Augment = "paper") -> Callable[[Image.Image], Tensor]:
+    """The transform a model needs: PIL image -> normalised ``(3, S, S)`` tensor, as in training and evaluation.
+
+    Args:
+        model: an ivpt model (its ``preprocessing``: input size, mean, std).
+        train: the training augmentation ``augment`` (random; torch's global RNG) instead of the test transform.
+        augment: ``"paper"``, ``"flip"`` or ``"none"`` for ``train=True``.
+
+    Raises:
+        IVPTError: the model records no preprocessing, or takes non-square images.
+    """
+    prep = getattr(model, "preprocessing", None)
+    if prep is None or not isinstance(prep.img_size, int):
+        found = "no preprocessing" if prep is None else f"non-square inputs {prep.img_size}"
+        raise IVPTError(f"transforms_for: ivpt's transforms need a model of square input size; it has {found}")
+    return image_transform(prep.img_size, prep.mean, prep.std, augment if train else "none")
+
+
 __all__ = [
     "AUGMENTS",
     "AugmentParams",
@@ -343,6 +379,7 @@ __all__ = [
     "SampleTransform",
     "apply_matrix",
     "hflip_matrix",
+    "image_transform",
     "plan_geometry",
     "region_resize_matrix",
     "rotation_scale_matrix",
@@ -351,6 +388,7 @@ __all__ = [
     "transform_box",
     "transform_box_edges",
     "transform_keypoints",
+    "transforms_for",
     "translation_matrix",
     "warp_image",
 ]

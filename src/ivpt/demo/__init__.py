@@ -3,10 +3,9 @@
 - :func:`run_demo`: synthetic data -> IVPT, VPT-Deep and a linear probe on the shipped frozen backbone ->
   ``ivpt eval`` metrics, ``ivpt explain`` figures, the ``ivpt report`` page and a results table;
 - :func:`pretrain_backbone`: retrains the shipped backbone weights (``ivpt pretrain-backbone``);
-- :mod:`ivpt.demo.backbone`: registers ``ivpt_demo_vit`` with timm when imported.
 
-Names are imported lazily: the model package imports :mod:`ivpt.demo.backbone` to register the
-architecture, and that must not pull in the training engine.
+The small ViT itself, ``ivpt_demo_vit``, is a model architecture: :mod:`ivpt.model.demo_vit` defines it and
+registers it with timm. Names are imported lazily, so that ``import ivpt.demo`` stays cheap.
 """
 
 from __future__ import annotations

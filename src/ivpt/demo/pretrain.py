@@ -88,10 +88,10 @@ from tqdm import tqdm
 
 from ivpt.config import OptimConfig
 from ivpt.data.synthetic import SyntheticArrays, render_synthetic
-from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS
 from ivpt.demo.recipe import TOKEN_STRIDES, PretrainRecipe
 from ivpt.engine.checkpoint import write_atomically
 from ivpt.errors import IVPTError
+from ivpt.model.demo_vit import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS
 
 LABEL_SMOOTHING = 0.1
 FOREGROUND_WEIGHT = 3.0

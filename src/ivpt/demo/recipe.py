@@ -9,7 +9,8 @@ from typing import Literal
 PRETRAIN_CLASSES = 100
 # What the appearance targets describe per token (see ivpt.demo.pretrain.appearance_targets).
 APPEARANCE_STYLES = ("cell", "rich")
-# Pixels per token side the demo ViT's stem can give: the first 1, 2 or 3 of its resolutions halve the image.
+# Pixels per token side the demo ViT's stem can give: the first 1, 2 or 3 of its resolutions halve the image
+# (:data:`ivpt.model.demo_vit.TOKEN_STRIDES`, written out here so that the command line needs no torch).
 TOKEN_STRIDES = (2, 4, 8)
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ivpt.config import Config, apply_overrides, validate
-from ivpt.demo.backbone import DEMO_ARCH, DEMO_VIT_ARGS, TOKEN_STRIDE, require_weights
 from ivpt.demo.data import ensure_synthetic
 from ivpt.errors import IVPTError
+from ivpt.model.demo_vit import DEMO_ARCH, DEMO_VIT_ARGS, TOKEN_STRIDE, require_weights
 
 METHODS: tuple[str, ...] = ("ivpt", "vpt_deep", "linear_probe")
 # The columns of the results table, keys of ``results.json`` and of ``ivpt eval``'s results.

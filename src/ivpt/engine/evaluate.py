@@ -178,7 +178,7 @@ class _Evaluation:
         self.notes: list[str] = []
         self.annotations = load_annotations(cfg.data)
         self.dataset = build_dataset(cfg, split, train_transform=False, annotations=self.annotations)
-        self.img_size = cfg.model.img_size
+        self.img_size = self.dataset.transform.img_size
         self.num_keypoints = len(self.dataset.part_names)
         self.stage_sizes, has_part_logits = self._probe()
         self.active = self._applicable(metrics, has_part_logits)

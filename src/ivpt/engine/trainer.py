@@ -55,6 +55,7 @@ from ivpt.engine.rng import (
 )
 from ivpt.engine.step import TrainStep, build_train_step
 from ivpt.errors import CheckpointError, ConfigError
+from ivpt.model.preprocessing import resolve_preprocessing
 
 
 @dataclass
@@ -90,6 +91,8 @@ def train(cfg: Config, resume: str | None = "auto") -> dict[str, Any] | None:
         paths ``out_dir``, ``last_checkpoint``, ``best_checkpoint``, ``log``.
     """
     validate(cfg)
+    # config.yaml and the checkpoints keep the input size and normalisation the run used.
+    cfg = resolve_preprocessing(cfg)
     ctx = init_distributed(cfg.train.device)
     try:
         summary = Trainer(cfg, ctx).run(resume)

@@ -18,9 +18,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ivpt.config import FREEZE_MODES, FreezeMode, ModelConfig
 from ivpt.errors import ConfigError, IVPTError
-
-FREEZE_MODES: tuple[str, ...] = ("tokens", "frozen", "full")
+from ivpt.model import demo_vit  # noqa: F401 - registers the project's small demo ViT with timm
+from ivpt.model.preprocessing import Preprocessing
 
 # Learned tokens that are trained in ``freeze="tokens"`` mode (the official recipe): they adapt the input
 # sequence without touching any block weight.
@@ -54,9 +55,6 @@ def create_backbone(
         ConfigError: unknown architecture, bad ``backbone_args`` or a missing ``pretrained_file``.
         IVPTError: the architecture is not a timm Vision Transformer, or pretrained weights cannot be loaded.
     """
-    # Registers the project's own small demo ViT (a stock timm VisionTransformer) with timm.
-    import ivpt.demo.backbone  # noqa: F401
-
     if not timm.is_model(arch):
         raise ConfigError(f"config key 'model.arch': '{arch}' is not a timm model name")
     module = model_entrypoint(split_model_name_tag(arch)[0]).__module__
@@ -96,7 +94,7 @@ def check_backbone(backbone: nn.Module, arch: str) -> None:
         raise IVPTError(f"model.arch '{arch}': patch dropout is not supported (it breaks the patch grid)")
 
 
-def set_trainable(backbone: nn.Module, freeze: str) -> None:
+def set_trainable(backbone: nn.Module, freeze: FreezeMode) -> None:
     """Set ``requires_grad`` on the backbone's parameters for a freeze mode.
 
     ``"tokens"``: only the prefix tokens and the position embedding train (the paper);
@@ -127,12 +125,19 @@ class ViTModel(nn.Module):
         num_prefix_tokens: class, distillation and register tokens in front of the patch tokens.
         method: name of the method the model implements (``"ivpt"``, ``"vpt_deep"``...).
         n_pro: prototypes per stage actually used, shallow to deep (empty without prototypes).
+        model_config: the options it was created with (set by :func:`ivpt.model.create_model`).
+        preprocessing: the inputs it expects (set by :func:`ivpt.model.create_model`).
+        class_names, part_names: set when it was loaded from a checkpoint or an exported folder.
     """
 
     method: str = ""
+    model_config: ModelConfig | None = None
+    preprocessing: Preprocessing | None = None
+    class_names: list[str] | None = None
+    part_names: list[str] | None = None
 
     def __init__(
-        self, backbone: VisionTransformer, num_classes: int, freeze: str, grad_checkpointing: bool = False
+        self, backbone: VisionTransformer, num_classes: int, freeze: FreezeMode, grad_checkpointing: bool = False
     ) -> None:
         super().__init__()
         if num_classes < 1:

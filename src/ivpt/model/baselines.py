@@ -33,6 +33,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from ivpt.config import FreezeMode, Pooling
 from ivpt.errors import ConfigError
 from ivpt.model.backbone import ViTModel
 from ivpt.model.concepts import ConceptStage, PartHead, classify_parts
@@ -113,8 +114,8 @@ class PromptTunedViT(ViTModel):
         head: Literal["cls", "parts"] = "cls",
         num_prototypes: int = 5,
         spatial_bias: bool = True,
-        pooling: Literal["ifa", "soft"] = "ifa",
-        freeze: str = "tokens",
+        pooling: Pooling = "ifa",
+        freeze: FreezeMode = "tokens",
         grad_checkpointing: bool = False,
         cache_features: bool = False,
     ):

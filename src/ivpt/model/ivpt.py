@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ivpt.config import FUSION_TARGETS, POOLINGS, FreezeMode, FusionTarget, Pooling
 from ivpt.errors import ConfigError
 from ivpt.model.backbone import ViTModel
 from ivpt.model.concepts import ConceptStage, PartHead, PromptFusion, classify_parts, pool_regions
 from ivpt.model.output import IVPTOutput
-
-POOLINGS: tuple[str, ...] = ("ifa", "soft")
-FUSION_TARGETS: tuple[str, ...] = ("final", "chain")
 
 
 def check_n_pro(n_pro: tuple[int, ...]) -> tuple[int, ...]:
@@ -51,12 +48,12 @@ class IVPT(ViTModel):
         n_pro: tuple[int, ...] = (17, 14, 11, 8, 5),
         *,
         spatial_bias: bool = True,
-        pooling: Literal["ifa", "soft"] = "ifa",
+        pooling: Pooling = "ifa",
         cross_layer: bool = True,
         fusion: bool = True,
-        fusion_target: Literal["final", "chain"] = "final",
+        fusion_target: FusionTarget = "final",
         gumbel_tau: float = 1.0,
-        freeze: str = "tokens",
+        freeze: FreezeMode = "tokens",
         grad_checkpointing: bool = False,
     ):
         super().__init__(backbone, num_classes, freeze, grad_checkpointing)

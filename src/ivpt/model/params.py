@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ivpt.config import FREEZE_MODES
 from ivpt.errors import ConfigError
 from ivpt.model.backbone import TOKEN_PARAMETERS
 
@@ -72,7 +73,7 @@ def param_groups(model: nn.Module, optim_cfg: OptimConfig, freeze: str) -> list[
     groups = _trainable_by_group(model)
     allowed_backbone = {"full": ("tokens", "backbone"), "tokens": ("tokens",), "frozen": ()}.get(freeze)
     if allowed_backbone is None:
-        raise ConfigError(f"config key 'model.freeze': expected one of tokens, frozen, full, got {freeze!r}")
+        raise ConfigError(f"config key 'model.freeze': expected one of {', '.join(FREEZE_MODES)}, got {freeze!r}")
     for name in ("tokens", "backbone"):
         if groups[name] and name not in allowed_backbone:
             raise ConfigError(

@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from ivpt.config import Config, DataConfig
+from ivpt.config import Config
 from ivpt.errors import IVPTError
+from ivpt.model.preprocessing import Preprocessing, preprocessing_of
 from ivpt.viz.drawing import draw_hierarchy, draw_image, draw_overlay, draw_part_bars, save_figure
 from ivpt.viz.maps import denormalize_image, grouping_flow, part_contributions, region_areas
 from ivpt.viz.palette import concept_palette
@@ -50,9 +51,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise IVPTError(f"image '{path}' is not an image file PIL can read ({exc.__class__.__name__})") from None
 
 
-def _preprocess(image: ImageInput, img_size: int, data: DataConfig) -> Tensor:
+def _preprocess(image: ImageInput, prep: Preprocessing) -> Tensor:
     """The test transform (short side to ``img_size``, centre crop, normalise) -> ``(3, S, S)``."""
-    from ivpt.data.transforms import SampleTransform
+    from ivpt.data.transforms import image_transform
+
+    img_size = prep.img_size
 
     if isinstance(image, Tensor):
         if image.dtype == torch.uint8:
@@ -74,17 +77,14 @@ def _preprocess(image: ImageInput, img_size: int, data: DataConfig) -> Tensor:
             return normalised.float()
     elif not isinstance(image, Image.Image):
         image = load_image(image)
-    transform = SampleTransform(img_size, "none", data.mean, data.std)
-    rgb = image.convert("RGB")
-    whole = np.array([0.0, 0.0, rgb.width - 1.0, rgb.height - 1.0], dtype=np.float32)
-    return transform(rgb, np.zeros((0, 3), dtype=np.float32), whole)["image"]
+    return image_transform(img_size, prep.mean, prep.std)(image)
 
 
-def _model_img_size(model: nn.Module) -> int:
-    size = getattr(model, "img_size", None)
-    if size is None:
-        raise IVPTError("explain: pass cfg=... (the model does not record its input size)")
-    return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+def _model_preprocessing(model: nn.Module) -> Preprocessing:
+    prep = getattr(model, "preprocessing", None)
+    if prep is None:
+        raise IVPTError("explain: pass cfg=... (the model does not record its preprocessing)")
+    return prep
 
 
 @torch.no_grad()
@@ -105,7 +105,7 @@ def explain(
             through the test transform), or a float tensor ``(3, S, S)`` that is already transformed
             and normalised (e.g. ``dataset[i]["image"]``), used as is.
         cfg: the model's config: ``cfg.model.img_size`` and ``cfg.data.mean/std`` define the test
-            transform. Without it the model's own input size and ImageNet statistics are used.
+            transform (unset ones: the backbone's). Without it the model's own ``preprocessing`` is used.
         class_names: names for the class indices (default ``"class <i>"``).
         device: where the forward runs (the model must already be there).
 
@@ -124,9 +124,11 @@ def explain(
         and the drawing arrays ``image`` (``(S, S, 3)`` uint8, the transformed input) and
         ``concept_maps`` (per stage ``(K_s, h, w)`` float32 arrays).
     """
-    data = cfg.data if cfg is not None else DataConfig()
-    img_size = cfg.model.img_size if cfg is not None else _model_img_size(model)
-    pixels = _preprocess(image, img_size, data)
+    prep = preprocessing_of(cfg) if cfg is not None else _model_preprocessing(model)
+    if not isinstance(prep.img_size, int):
+        raise IVPTError(f"explain: ivpt's test transform makes square images, the model takes {prep.img_size}")
+    img_size = prep.img_size
+    pixels = _preprocess(image, prep)
     was_training = model.training
     model.eval()
     try:
@@ -175,7 +177,7 @@ def explain(
         "top5": [describe(i) for i in top],
         "parts": parts,
         "stages": stages,
-        "image": denormalize_image(pixels, data.mean, data.std),
+        "image": denormalize_image(pixels, prep.mean, prep.std),
         "concept_maps": maps,
     }
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ivpt.config import Config
 from ivpt.errors import IVPTError
+from ivpt.model.preprocessing import preprocessing_of
 from ivpt.viz.concept_stats import ConceptStatistics, ConceptStatisticsMeter, crop_box
 from ivpt.viz.drawing import concept_label, draw_hierarchy, save_figure, save_image
 from ivpt.viz.explain import default_device
@@ -250,6 +251,7 @@ def gallery_strips(
     Returns:
         ``(stage, concept) -> (T, width, 3)`` uint8 strip (absent when the concept has no candidate).
     """
+    prep = preprocessing_of(cfg)
     wanted: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
     for stage, images in enumerate(stats.top_images):
         for concept, rank in np.ndindex(images.shape):
@@ -258,7 +260,7 @@ def gallery_strips(
                 wanted[index].append((stage, concept, rank, int(stats.top_cells[stage][concept, rank])))
     thumbs: dict[tuple[int, int], dict[int, np.ndarray]] = defaultdict(dict)
     for index in sorted(wanted):
-        image = denormalize_image(dataset[index]["image"], cfg.data.mean, cfg.data.std)
+        image = denormalize_image(dataset[index]["image"], prep.mean, prep.std)
         height, width = image.shape[:2]
         side = max(round(CROP_FRACTION * min(height, width)), 2 * max(height // stats.grid_size[0], 1))
         for stage, concept, rank, cell in wanted[index]:

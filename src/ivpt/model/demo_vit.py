@@ -43,7 +43,6 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
 from torch import nn
 
-from ivpt.demo.recipe import TOKEN_STRIDES, PretrainRecipe
 from ivpt.errors import IVPTError
 
 DEMO_ARCH = "ivpt_demo_vit"
@@ -62,9 +61,11 @@ DEMO_VIT_ARGS: dict[str, Any] = dict(
 )
 # Output channels and strides of the stem's 3 x 3 convolutions: three resolutions, two convolutions each.
 STEM_CHANNELS: tuple[int, ...] = (24, 24, 48, 48, 96, 96)
-# Pixels per token along each side (the stem's total stride) of the shipped weights: that of the default
-# recipe, which trained them.
-TOKEN_STRIDE: int = PretrainRecipe().token_stride
+# Pixels per token side the stem can give: the first one, two or all three of its resolutions halve the image.
+TOKEN_STRIDES: tuple[int, ...] = tuple(2**halvings for halvings in range(1, len(STEM_CHANNELS) // 2 + 1))
+# Pixels per token along each side (the stem's total stride) of the shipped weights; the default recipe of
+# ``ivpt pretrain-backbone`` (:class:`ivpt.demo.recipe.PretrainRecipe`) trains at this stride.
+TOKEN_STRIDE: int = 4
 
 
 def stem_strides(token_stride: int = TOKEN_STRIDE) -> tuple[int, ...]:
