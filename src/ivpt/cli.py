@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ivpt.config import DATASETS, METHODS, PRECISIONS
 from ivpt.errors import IVPTError
 
 CONFIG_HELP = "a YAML file, or the name of an installed preset ({presets}); later key=value overrides win"
@@ -79,7 +80,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ivpt.viz.report import build_report
+    from ivpt.engine.report import build_report
 
     path = build_report(args.checkpoint, overrides=args.overrides, out_dir=args.out, top_k=args.top_k)
     print(f"report written to {path}")
@@ -253,14 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="vit_small_patch16_224", help="timm model name")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
-        "--method",
-        default="ivpt",
-        choices=["ivpt", "vpt_shallow", "vpt_deep", "vpt_deep_proto", "last_layer_proto", "linear_probe"],
-    )
+    p.add_argument("--method", default="ivpt", choices=METHODS)
     p.add_argument("--n-pro", default=None, metavar="K1,K2,...", help="prototypes per stage")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
@@ -279,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("data-check", _cmd_data_check, "Validate a data set folder and print a JSON summary.")
-    p.add_argument("--dataset", required=True, choices=["cub", "nabirds", "folder"])
+    p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", required=True, metavar="DIR")
     p.add_argument("--no-images", action="store_true", help="skip decoding every image (faster)")
 

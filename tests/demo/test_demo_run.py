@@ -144,7 +144,7 @@ def test_fast_demo_end_to_end(
         assert figure.size == (1600, 900)
     assert (out / "report" / "index.html").read_text().lstrip().lower().startswith("<!doctype html")
     # The report's statistics came from IVPT's scoring pass: the same page as `ivpt report` makes alone.
-    from ivpt.viz.report import build_report
+    from ivpt.engine.report import build_report
 
     alone = build_report(out / "runs" / "ivpt" / "best.pt", out_dir=tmp_path / "alone", top_k=FAST_PLAN.top_k)
     assert undated_page(out / "report" / "index.html") == undated_page(alone)

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ivpt.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
 from ivpt.cli import main
 from ivpt.config import Config
-from ivpt.engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from ivpt.engine.evaluate import HEADLINE_KEYS, STAGE_KEYS, evaluate, evaluate_checkpoint, headline_stage
 from ivpt.errors import ConfigError, DataError
+from ivpt.model.pretrained import load_checkpoint
 
 NUM_STAGES = 3  # model.n_pro=[6,5,4]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ivpt.engine.checkpoint import read_checkpoint
+from ivpt.checkpoint import read_checkpoint
 from ivpt.engine.evaluate import HEADLINE_KEYS, STAGE_KEYS, evaluate_checkpoint
 from ivpt.engine.logger import read_log
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
-from ivpt.engine.checkpoint import read_checkpoint
+from ivpt.checkpoint import read_checkpoint
 from ivpt.engine.logger import read_log
 from ivpt.engine.trainer import train
 from ivpt.errors import CheckpointError, ConfigError
 from ivpt.losses import TERM_NAMES
+from ivpt.model.preprocessing import resolve_preprocessing
 
 # 64 synthetic images: 32 official train, of which 8 validation -> 24 train = 3 steps of 8 per epoch.
 STEPS_PER_EPOCH = 3
@@ -38,7 +39,10 @@ def test_two_epoch_run_writes_its_outputs_and_the_loss_falls(tiny_config) -> Non
 
     assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["epochs"] == 2
     assert summary["best_checkpoint"] == str(out / "best.pt")
-    assert yaml.safe_load((out / "config.yaml").read_text()) == cfg.to_dict()
+    # config.yaml holds the config with the backbone's input size and normalisation filled in.
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved == resolve_preprocessing(cfg).to_dict()
+    assert (saved["data"]["mean"], saved["data"]["std"]) == ([0.5] * 3, [0.5] * 3)  # vit_tiny_patch16_224's
 
     records = read_log(out / "log.jsonl")
     events = [r["event"] for r in records]
@@ -64,7 +68,7 @@ def test_two_epoch_run_writes_its_outputs_and_the_loss_falls(tiny_config) -> Non
 
     last_ckpt = read_checkpoint(out / "last.pt", training=True)
     assert (last_ckpt["epoch"], last_ckpt["step"], last_ckpt["epoch_step"]) == (2, 6, 0)
-    assert last_ckpt["config"] == cfg.to_dict()
+    assert last_ckpt["config"] == saved
     assert len(last_ckpt["class_names"]) == 4 and last_ckpt["part_names"]
 
 

@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from ivpt.checkpoint import payload_digest
 from ivpt.config import Config
 from ivpt.errors import CheckpointError
 from ivpt.model import build_model, convert_official, load_official_checkpoint
@@ -208,8 +209,13 @@ def test_convert_official_writes_an_ivpt_checkpoint_that_rebuilds_the_model(offi
     )
     assert written == out and [p.name for p in out.parent.iterdir()] == ["ivpt.pt"]
     checkpoint = torch.load(out, map_location="cpu", weights_only=True)
-    assert list(checkpoint) == ["format", "version", "config", "class_names", "part_names", "model"]
-    assert checkpoint["format"] == "ivpt" and checkpoint["version"] == 1
+    assert list(checkpoint) == ["format", "version", "config", "class_names", "part_names", "model", "frozen", "sha256"]
+    assert checkpoint["format"] == "ivpt" and checkpoint["version"] == 2
+    # The snapshot's backbone is the authors', so every tensor is stored; the digest covers them all.
+    assert checkpoint["frozen"]["keys"] == [] and checkpoint["model"].keys() == build_model(
+        Config.from_dict(checkpoint["config"]), NUM_CLASSES
+    ).state_dict().keys()
+    assert checkpoint["sha256"] == payload_digest(checkpoint)
     assert checkpoint["class_names"] == [str(i) for i in range(NUM_CLASSES)] and checkpoint["part_names"] == []
     cfg = Config.from_dict(checkpoint["config"])
     assert cfg.model.arch == official_case["arch"] and cfg.model.n_pro == N_PRO

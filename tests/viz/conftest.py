@@ -17,8 +17,8 @@ def make_checkpoint(tiny_config: Callable[..., Config], tmp_path: Path) -> Calla
 
     With ``log`` a small ``log.jsonl`` (train and val records as the trainer writes them) goes beside it.
     """
+    from ivpt.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
     from ivpt.data import load_annotations
-    from ivpt.engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
     from ivpt.engine.logger import RunLogger
     from ivpt.model.factory import build_model
 

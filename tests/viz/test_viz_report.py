@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ivpt.engine.report import build_report
 from ivpt.errors import IVPTError
 from ivpt.model.output import IVPTOutput
 from ivpt.viz.concept_stats import ConceptStatisticsMeter, claimed_fractions, crop_box, typicality_scores
 from ivpt.viz.palette import concept_palette, to_hex
-from ivpt.viz.report import build_report, training_curves_figure
+from ivpt.viz.report import training_curves_figure
 
 CHROMIUM = "/usr/bin/chromium"
 CONSOLE_ERRORS = ("Uncaught", "Failed to load resource", "ERROR:CONSOLE")
@@ -215,7 +216,7 @@ def test_report_end_to_end(make_checkpoint: Callable, tmp_path: Path) -> None:
     assert to_hex(palette[0][0]) in page and to_hex(palette[2][3]) in page
     assert "s1:c0" in page and "part 2" in page
     # the metrics are those of the evaluation function behind `ivpt eval`
-    from ivpt.engine.checkpoint import load_checkpoint
+    from ivpt.model.pretrained import load_checkpoint
 
     model, cfg, _ = load_checkpoint(checkpoint)
     expected = evaluate(model, cfg, ["accuracy"], "cpu")
@@ -229,9 +230,9 @@ def test_report_gathers_its_statistics_in_the_metrics_pass(
 ) -> None:
     """Metrics computed now: one pass over the test split gives both; stored metrics: a pass of its own;
     statistics handed in: no pass at all. The three pages are the same."""
-    import ivpt.viz.report as report
-    from ivpt.engine.checkpoint import load_checkpoint
+    import ivpt.engine.report as report
     from ivpt.engine.evaluate import evaluate
+    from ivpt.model.pretrained import load_checkpoint
 
     checkpoint = make_checkpoint()
     own_passes: list[int] = []

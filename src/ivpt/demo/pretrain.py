@@ -86,10 +86,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ivpt.checkpoint import write_atomically
 from ivpt.config import OptimConfig
 from ivpt.data.synthetic import SyntheticArrays, render_synthetic
 from ivpt.demo.recipe import TOKEN_STRIDES, PretrainRecipe
-from ivpt.engine.checkpoint import write_atomically
 from ivpt.errors import IVPTError
 from ivpt.model.demo_vit import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS
 

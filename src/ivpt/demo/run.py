@@ -314,10 +314,10 @@ def run_demo(
     """
     from ivpt.demo.jobs import available_cores, default_jobs, method_groups, run_in_parallel, start_workers
     from ivpt.engine.evaluate import evaluate_checkpoint
+    from ivpt.engine.report import build_report
     from ivpt.engine.trainer import train
     from ivpt.viz.concept_stats import ConceptStatisticsMeter
     from ivpt.viz.explain import explain_files
-    from ivpt.viz.report import build_report
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

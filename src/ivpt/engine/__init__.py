@@ -6,11 +6,11 @@
   :func:`~ivpt.engine.step.build_train_step`, one training step (shared with ``ivpt bench``);
 - :mod:`ivpt.engine.evaluate`: :func:`~ivpt.engine.evaluate.evaluate` and
   :func:`~ivpt.engine.evaluate.evaluate_checkpoint` (``ivpt eval``);
-- :mod:`ivpt.engine.checkpoint`: :func:`~ivpt.engine.checkpoint.save_checkpoint`,
-  :func:`~ivpt.engine.checkpoint.read_checkpoint`, :func:`~ivpt.engine.checkpoint.load_checkpoint`;
+- :mod:`ivpt.engine.report`: :func:`~ivpt.engine.report.build_report` (``ivpt report``);
 - :mod:`ivpt.engine.schedule`, :mod:`ivpt.engine.rng`, :mod:`ivpt.engine.distributed`,
   :mod:`ivpt.engine.logger`: learning-rate schedules, random state, process groups, run logs.
 
-Nothing is imported here, so that loading one part does not pull in the others (the trainer needs the
-data and model packages; checkpoint reading does not).
+Checkpoint files are read and written by :mod:`ivpt.checkpoint`, and models rebuilt from them by
+:mod:`ivpt.model.pretrained`, both below the engine. Nothing is imported here, so that loading one part
+does not pull in the others.
 """

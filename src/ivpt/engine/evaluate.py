@@ -467,10 +467,11 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint, print the results and write ``metrics.json``.
 
     Args:
-        checkpoint: written by ``ivpt train`` (or ``ivpt convert-official``).
+        checkpoint: written by ``ivpt train`` (or ``ivpt convert-official``), a folder written by
+            ``ivpt export``, or ``hf-hub:org/name``.
         overrides: ``key=value`` changes to the stored config (``data.root=...``, ``eval.stage=-1``, ...).
         metrics: subset of :data:`METRIC_NAMES` (default ``eval.metrics`` of the config).
-        out_dir: where ``metrics.json`` goes (default: the checkpoint's folder).
+        out_dir: where ``metrics.json`` goes (default: the checkpoint's folder, or the exported folder).
         observe: passed on to :func:`evaluate`.
 
     A progress bar follows each pass over the data on a terminal, unless ``train.progress=false``.
@@ -481,10 +482,12 @@ def evaluate_checkpoint(
     Raises:
         DataError: the data set's classes do not match the checkpoint's.
     """
-    from ivpt.engine.checkpoint import load_checkpoint
     from ivpt.engine.distributed import init_distributed, shutdown_distributed
+    from ivpt.model.pretrained import checkpoint_home, load_checkpoint
 
-    checkpoint = Path(checkpoint)
+    home = checkpoint_home(checkpoint)
+    if out_dir is None and home is None:
+        raise ConfigError(f"eval: '{checkpoint}' has no folder of its own for metrics.json; give --out DIR")
     resolved_metrics = None if metrics is None else [m for m in metrics if m.strip()]
     model, cfg, info = load_checkpoint(checkpoint, overrides, device="cpu")
     ctx = init_distributed(cfg.train.device)
@@ -503,7 +506,7 @@ def evaluate_checkpoint(
         )
         results["checkpoint"] = str(checkpoint)
         if ctx.is_main:
-            target = Path(out_dir) if out_dir is not None else checkpoint.parent
+            target = Path(out_dir) if out_dir is not None else home
             target.mkdir(parents=True, exist_ok=True)
             (target / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
             print(format_table(results))
@@ -513,7 +516,7 @@ def evaluate_checkpoint(
     return results
 
 
-def _check_classes(cfg: Config, class_names: list[str], checkpoint: Path) -> None:
+def _check_classes(cfg: Config, class_names: list[str], checkpoint: str | Path) -> None:
     from ivpt.data import load_annotations
 
     found = load_annotations(cfg.data).class_names

@@ -5,12 +5,13 @@ terms, learning rates, throughput, validation metrics), ``last.pt`` (every epoch
 ``train.save_every_steps`` optimizer steps) and ``best.pt`` (highest top-1 accuracy on the validation
 split; the last checkpoint when ``data.val_fraction`` is 0 — the test split is never used to choose).
 
-Resumption is exact: a checkpoint stores the model, optimizer, schedule, gradient scaler, every
-random stream of every rank, and the position in the epoch (``epoch``, ``epoch_step``). The data order
-is a pure function of ``(train.seed, epoch)`` and each sample's augmentation of
-``(train.seed, epoch, index)`` (:mod:`ivpt.engine.rng`), so a resumed epoch skips the batches already
-done and continues with the very batches the uninterrupted run would have seen. A killed run loses
-at most the steps since its last checkpoint.
+Resumption is exact: a checkpoint stores what training changed in the model (the frozen backbone
+tensors come back from timm's pretrained weights, checked against their recorded sha256), the optimizer,
+schedule, gradient scaler, every random stream of every rank, and the position in the epoch
+(``epoch``, ``epoch_step``). The data order is a pure function of ``(train.seed, epoch)`` and each
+sample's augmentation of ``(train.seed, epoch, index)`` (:mod:`ivpt.engine.rng`), so a resumed epoch
+skips the batches already done and continues with the very batches the uninterrupted run would have
+seen. A killed run loses at most the steps since its last checkpoint.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ivpt.config import Config, validate
-from ivpt.engine.checkpoint import (
+from ivpt.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    frozen_record,
     load_model_state,
     read_checkpoint,
     save_checkpoint,
 )
+from ivpt.config import Config, validate
 from ivpt.engine.distributed import (
     DistributedContext,
     all_reduce_sum,
@@ -56,6 +58,7 @@ from ivpt.engine.rng import (
 from ivpt.engine.step import TrainStep, build_train_step
 from ivpt.errors import CheckpointError, ConfigError
 from ivpt.model.preprocessing import resolve_preprocessing
+from ivpt.model.pretrained import model_entries, pretrained_keys
 
 
 @dataclass
@@ -144,6 +147,9 @@ class Trainer:
         )
 
         self.model = build_model(cfg, num_classes=len(self.class_names)).to(ctx.device)
+        # The frozen backbone tensors that timm's pretrained weights re-create stay out of the checkpoints;
+        # their digest, taken once (they never change), lets a resume check it got the same ones.
+        self.frozen = frozen_record(self.model.state_dict(), pretrained_keys(self.model))
         self.distributed_model: nn.Module | None = None
         if ctx.is_distributed:
             # Some trainable parameters get no gradient in some configurations (a loss weight of 0
@@ -312,7 +318,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "class_names": self.class_names,
             "part_names": self.part_names,
-            "model": self.model.state_dict(),
+            **model_entries(self.model, self.frozen),
             "optimizer": self.step.optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "scaler": self.step.scaler.state_dict(),
@@ -351,7 +357,7 @@ class Trainer:
                 f"{self.steps_per_epoch}: resume with the same data, train.batch_size, train.grad_accum and "
                 "number of processes, or start afresh with --no-resume"
             )
-        load_model_state(self.model, payload["model"], path)
+        load_model_state(self.model, payload["model"], path, frozen=payload.get("frozen"))
         try:
             self.step.optimizer.load_state_dict(payload["optimizer"])
             if self.step.scheduler is not None and payload["scheduler"]:
@@ -390,7 +396,7 @@ class Trainer:
         # Rank 0 alone: the file may exist only on its node, and one accuracy needs no sharding.
         if self.ctx.is_main and self.cfg.train.test_at_end and self.best_path.exists():
             best = read_checkpoint(self.best_path)
-            load_model_state(self.model, best["model"], self.best_path)
+            load_model_state(self.model, best["model"], self.best_path, frozen=best.get("frozen"))
             metrics = evaluate(self.model, self.cfg, ("accuracy",), self.ctx.device, split="test")
             test_accuracy = metrics["accuracy"]
             self.logger.log(

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ivpt.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint, state_mismatches
+from ivpt.config import Config
 from ivpt.errors import CheckpointError
 from ivpt.model.factory import create_model
 from ivpt.model.ivpt import IVPT
-from ivpt.model.state import state_mismatches
+from ivpt.model.pretrained import model_entries
 
 DEFAULT_N_PRO: tuple[int, ...] = (17, 14, 11, 8, 5)
 
@@ -143,11 +145,10 @@ def convert_official(
 ) -> Path:
     """Convert an official snapshot into an ivpt checkpoint (what ``ivpt convert-official`` runs).
 
-    Writes ``{"format": "ivpt", "version": 1, "config", "class_names", "part_names", "model"}``
-    atomically (temporary file in the output folder, then ``os.replace``) and returns ``out``.
+    Writes ``{"format": "ivpt", "version", "config", "class_names", "part_names", "model", "frozen", "sha256"}``
+    atomically (temporary file in the output folder, then ``os.replace``) and returns ``out``. Every tensor
+    is stored: the snapshot's backbone is whatever the authors loaded, not necessarily timm's current weights.
     """
-    from ivpt.config import Config
-
     model = load_official_checkpoint(snapshot, arch, img_size, num_classes, n_pro, backbone_args=backbone_args)
     cfg = Config()
     cfg.model.method = "ivpt"
@@ -156,16 +157,13 @@ def convert_official(
     cfg.model.n_pro = tuple(int(k) for k in n_pro)
     cfg.model.pretrained = False
     cfg.model.backbone_args = dict(backbone_args or {})
+    cfg.data.mean, cfg.data.std = model.preprocessing.mean, model.preprocessing.std
     checkpoint = {
-        "format": "ivpt",
-        "version": 1,
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
         "config": cfg.to_dict(),
         "class_names": [str(i) for i in range(num_classes)],
         "part_names": [],
-        "model": model.state_dict(),
+        **model_entries(model),
     }
-    # The engine's writer (temporary file, fsync, os.replace); imported here because the engine
-    # itself builds on the model package.
-    from ivpt.engine.checkpoint import save_checkpoint
-
     return save_checkpoint(out, checkpoint)

@@ -7,7 +7,10 @@
 - :mod:`ivpt.viz.drawing`: matplotlib pieces (Agg, no pyplot) shared by both outputs;
 - :mod:`ivpt.viz.explain`: :func:`explain` (data for one image), :func:`explain_files` (PNG + JSON);
 - :mod:`ivpt.viz.concept_stats`: data-set-wide concept statistics in one streaming pass;
-- :mod:`ivpt.viz.report`: :func:`build_report` (``DIR/index.html``).
+- :mod:`ivpt.viz.report`: the HTML report's figures and page (``ivpt report`` itself,
+  :func:`ivpt.engine.report.build_report`, scores the model first).
+
+Models are loaded through :mod:`ivpt.model.pretrained`; nothing here imports the training engine.
 """
 
 from __future__ import annotations
@@ -15,11 +18,9 @@ from __future__ import annotations
 from ivpt.viz.explain import explain, explain_files, explanation_figure
 from ivpt.viz.maps import FlowEdge, grouping_flow, overlay_maps, part_contributions, region_areas
 from ivpt.viz.palette import concept_palette
-from ivpt.viz.report import build_report
 
 __all__ = [
     "FlowEdge",
-    "build_report",
     "concept_palette",
     "explain",
     "explain_files",

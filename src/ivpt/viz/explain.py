@@ -303,7 +303,8 @@ def explain_files(
 
     Args:
         images: image files in any format PIL reads (converted to RGB).
-        checkpoint: checkpoint written by ``ivpt train`` (or ``ivpt convert-official``).
+        checkpoint: checkpoint written by ``ivpt train`` (or ``ivpt convert-official``), a folder written by
+            ``ivpt export``, or ``hf-hub:org/name``.
         out_dir: output folder (created).
         overrides: ``key=value`` config overrides for the stored config.
         device: ``"cuda"`` when available unless given.
@@ -314,7 +315,7 @@ def explain_files(
     Raises:
         IVPTError: an image is missing or unreadable, or the checkpoint is invalid.
     """
-    from ivpt.engine.checkpoint import load_checkpoint
+    from ivpt.model.pretrained import load_checkpoint
 
     paths = [Path(p) for p in images]
     if not paths:

@@ -1,10 +1,10 @@
-"""``ivpt report``: a static HTML page about a trained model.
+"""The pieces of ``ivpt report``'s static HTML page about a trained model (:func:`write_report`).
 
-The page (``DIR/index.html``, images in ``DIR/img/``) needs no script and no network: inline CSS,
-relative image links. It shows
+:func:`ivpt.engine.report.build_report` loads the model, scores it and gathers what the page shows; this
+module draws and writes it. The page (``DIR/index.html``, images in ``DIR/img/``) needs no script and no
+network: inline CSS, relative image links. It shows
 
-- the metrics of ``ivpt eval`` (the same function computes them, or its ``metrics.json`` for this very
-  checkpoint is read back);
+- the metrics of ``ivpt eval``;
 - the training curves from the run's ``log.jsonl`` (beside the checkpoint);
 - the concept hierarchy of the whole test set (each concept -> the concepts it feeds, with its mean
   grouping weight), as a figure and a table;
@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import datetime
 import html
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,16 +34,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ivpt.config import Config
-from ivpt.errors import IVPTError
 from ivpt.model.preprocessing import preprocessing_of
 from ivpt.viz.concept_stats import ConceptStatistics, ConceptStatisticsMeter, crop_box
 from ivpt.viz.drawing import concept_label, draw_hierarchy, save_figure, save_image
-from ivpt.viz.explain import default_device
 from ivpt.viz.maps import denormalize_image, grouping_flow
 from ivpt.viz.palette import concept_palette, to_hex
-
-if TYPE_CHECKING:
-    from ivpt.engine.evaluate import BatchObserver
 
 THUMBNAIL_SIZE = 96
 # Gallery crops cover this fraction of the image side (at least two patches).
@@ -66,53 +60,6 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img.figure { max-width: 100%; height: auto; border: 1px solid #eee; }
 img.strip { height: 64px; width: auto; }
 """
-
-
-# --- metrics ------------------------------------------------------------------------------------------
-
-
-def _stored_metrics(checkpoint: Path) -> tuple[dict[str, Any], Path] | None:
-    """``metrics.json`` that ``ivpt eval`` wrote for exactly this checkpoint file, if any is current."""
-    path = checkpoint.parent / "metrics.json"
-    if not path.is_file() or path.stat().st_mtime < checkpoint.stat().st_mtime:
-        return None
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    recorded = results.get("checkpoint") if isinstance(results, dict) else None
-    if recorded is None or Path(recorded).resolve() != checkpoint.resolve():
-        return None
-    return results, path
-
-
-def report_metrics(
-    model: nn.Module,
-    cfg: Config,
-    checkpoint: Path,
-    overrides: Sequence[str],
-    metrics: Sequence[str] | None,
-    device: str,
-    out_dir: Path,
-    observe: BatchObserver | None = None,
-) -> tuple[dict[str, Any], str]:
-    """The numbers of ``ivpt eval`` for this checkpoint, and a sentence saying where they come from.
-
-    ``metrics.json`` beside the checkpoint is reused when ``ivpt eval`` wrote it for this checkpoint
-    after the checkpoint was saved, with the default metrics and no overrides; otherwise
-    :func:`ivpt.engine.evaluate.evaluate` (what ``ivpt eval`` runs) scores the model now, ``observe``
-    seeing its pass over the test split, and the result is also written to ``out_dir/metrics.json``.
-    """
-    from ivpt.engine.evaluate import evaluate
-
-    stored = _stored_metrics(checkpoint) if not overrides and metrics is None else None
-    if stored is not None:
-        results, path = stored
-        return results, f"read from {path} (written by ivpt eval for this checkpoint)"
-    results = evaluate(model, cfg, metrics, device, split="test", observe=observe)
-    results["checkpoint"] = str(checkpoint)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results, "computed now by ivpt.engine.evaluate (the function behind ivpt eval); also in metrics.json"
 
 
 # --- figures ------------------------------------------------------------------------------------------
@@ -287,11 +234,11 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _metrics_html(results: dict[str, Any], source: str) -> str:
-    from ivpt.engine.evaluate import HEADLINE_KEYS, STAGE_KEYS
-
+def _metrics_html(
+    results: dict[str, Any], source: str, headline_keys: Sequence[str], stage_keys: Sequence[str]
+) -> str:
     rows = "".join(
-        f"<tr><th>{html.escape(key)}</th><td class='num'>{_cell(results.get(key))}</td></tr>" for key in HEADLINE_KEYS
+        f"<tr><th>{html.escape(key)}</th><td class='num'>{_cell(results.get(key))}</td></tr>" for key in headline_keys
     )
     parts = [
         f"<p class='meta'>Split: {_cell(results.get('split'))}, {_cell(results.get('images'))} images; "
@@ -300,13 +247,13 @@ def _metrics_html(results: dict[str, Any], source: str) -> str:
     parts.append(f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>")
     per_stage = results.get("per_stage") or {}
     if per_stage:
-        header = "".join(f"<th>{html.escape(k)}</th>" for k in STAGE_KEYS)
+        header = "".join(f"<th>{html.escape(k)}</th>" for k in stage_keys)
         body = ""
         for stage, values in per_stage.items():
             marker = " (headline)" if str(stage) == str(results.get("stage")) else ""
             body += (
                 f"<tr><th>{html.escape(str(stage))}{marker}</th>"
-                + "".join(f"<td class='num'>{_cell(values.get(k))}</td>" for k in STAGE_KEYS)
+                + "".join(f"<td class='num'>{_cell(values.get(k))}</td>" for k in stage_keys)
                 + "</tr>"
             )
         parts.append(
@@ -407,92 +354,54 @@ def collect_statistics(
     return meter.compute()
 
 
-def _check_statistics(statistics: ConceptStatistics, num_images: int, top_k: int) -> None:
-    kept = {int(scores.shape[1]) for scores in statistics.top_scores}
-    if statistics.num_images != num_images or kept - {top_k}:
-        raise IVPTError(
-            f"report: the statistics given cover {statistics.num_images} images with top_k {sorted(kept)}, "
-            f"but this report shows the {num_images} test images with top_k {top_k}"
-        )
-
-
-def build_report(
-    checkpoint: str | Path,
-    overrides: Sequence[str] = (),
-    *,
+def write_report(
     out_dir: str | Path,
-    top_k: int = 6,
-    metrics: Sequence[str] | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    statistics: ConceptStatistics | None = None,
+    *,
+    checkpoint: str,
+    epoch: Any,
+    cfg: Config,
+    class_names: Sequence[str],
+    dataset: Any,
+    stats: ConceptStatistics,
+    results: dict[str, Any],
+    source: str,
+    metric_keys: tuple[Sequence[str], Sequence[str]],
+    log_path: Path | None,
+    log_records: Sequence[dict[str, Any]] | None,
+    top_k: int,
 ) -> Path:
-    """Write the HTML report of a checkpoint to ``out_dir/index.html``.
+    """Write ``out_dir/index.html`` and its images from what :func:`ivpt.engine.report.build_report` gathered.
 
     Args:
-        checkpoint: written by ``ivpt train``.
-        overrides: ``key=value`` changes to the stored config (``data.root=...`` when the data moved).
         out_dir: output folder; images go to ``out_dir/img/``.
+        checkpoint, epoch: what the page says it describes.
+        cfg, class_names: the model's config and class names.
+        dataset: the test split (test transform), for the gallery crops.
+        stats: the model's concept statistics over ``dataset``.
+        results, source: the metrics (``ivpt eval``'s dict) and a sentence saying where they come from.
+        metric_keys: ``(headline keys, per-stage keys)`` of ``results``, in table order.
+        log_path, log_records: the run's ``log.jsonl`` and its records (``None``: no log found; a
+            ``log_path`` of ``None``: the model has no run folder).
         top_k: gallery crops per concept.
-        metrics: metric names for the table (default: ``eval.metrics`` of the config, as ``ivpt eval``).
-        device: ``"cuda"`` when available unless given.
-        progress: show tqdm progress bars.
-        statistics: the model's concept statistics over the test split, already gathered by the
-            caller with ``top_k`` (the demo gathers them during ``ivpt eval``'s pass); ``None``: gathered
-            here, during the metrics' pass over the test split when the metrics are computed now, else
-            in a pass of their own.
 
     Returns:
         The path of ``index.html``.
-
-    Raises:
-        IVPTError: bad checkpoint, data set, overrides or ``top_k``.
     """
-    from ivpt.data import build_dataset
-    from ivpt.engine.checkpoint import load_checkpoint
-    from ivpt.engine.logger import read_log
-
-    if top_k < 1:
-        raise IVPTError(f"report: --top-k must be at least 1, got {top_k}")
-    checkpoint = Path(checkpoint)
-    device = device or default_device()
-    model, cfg, info = load_checkpoint(checkpoint, overrides, device)
-    class_names: list[str] = list(info["class_names"])
     out = Path(out_dir)
     images_dir = out / "img"
     images_dir.mkdir(parents=True, exist_ok=True)
-
-    dataset = build_dataset(cfg, "test", train_transform=False)
-    if len(dataset.class_names) != len(class_names):
-        raise IVPTError(
-            f"report: checkpoint '{checkpoint}' classifies {len(class_names)} classes but the data set at "
-            f"'{cfg.data.root}' has {len(dataset.class_names)}; point data.root=... at its data"
-        )
-    meter = ConceptStatisticsMeter(len(class_names), top_k, device) if statistics is None else None
-    observe = None if meter is None else meter.observe
-    results, source = report_metrics(model, cfg, checkpoint, overrides, metrics, device, out, observe)
-    if statistics is not None:
-        _check_statistics(statistics, len(dataset), top_k)
-        stats = statistics
-    elif meter is not None and meter.num_images:
-        stats = meter.compute()  # seen during the metrics' pass
-    else:
-        loader = DataLoader(
-            dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers
-        )
-        stats = collect_statistics(model, loader, len(class_names), top_k, device, progress)
-
     sections: list[str] = []
-    sections.append("<h2>Metrics</h2>" + _metrics_html(results, source))
+    sections.append("<h2>Metrics</h2>" + _metrics_html(results, source, *metric_keys))
 
-    log_path = checkpoint.parent / "log.jsonl"
-    curves = training_curves_figure(read_log(log_path)) if log_path.is_file() else None
+    curves = training_curves_figure(log_records) if log_records is not None else None
     sections.append("<h2>Training curves</h2>")
     if curves is not None:
         save_figure(curves, images_dir / "training_curves.png")
         sections.append(_figure_html("img/training_curves.png", "training curves"))
+    elif log_path is None:
+        sections.append(_note(f"{checkpoint} has no run folder with a training log, so there are no curves."))
     else:
-        reason = "has no train or validation records" if log_path.is_file() else "was not found"
+        reason = "has no train or validation records" if log_records is not None else "was not found"
         sections.append(_note(f"The training log {log_path} {reason}, so there are no curves."))
 
     if stats.num_concepts:
@@ -530,7 +439,7 @@ def build_report(
 
     m = cfg.model
     meta = (
-        f"Checkpoint {html.escape(str(checkpoint))} (epoch {_cell(info.get('epoch'))}); "
+        f"Checkpoint {html.escape(checkpoint)} (epoch {_cell(epoch)}); "
         f"method {html.escape(m.method)}, "
         f"backbone {html.escape(m.arch)} at {m.img_size} px, prototypes per stage {list(m.n_pro)}, "
         f"fusion target {html.escape(m.fusion_target)}; data {html.escape(cfg.data.dataset)} at "
@@ -539,7 +448,7 @@ def build_report(
     )
     page = (
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n<link rel='icon' href='data:,'>\n"
-        f"<title>ivpt report: {html.escape(checkpoint.name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>ivpt report: {html.escape(Path(checkpoint).name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<h1>ivpt report</h1>\n<p class='meta'>{meta}</p>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
     )
     index = out / "index.html"
@@ -548,11 +457,10 @@ def build_report(
 
 
 __all__ = [
-    "build_report",
     "collect_statistics",
     "gallery_strips",
     "hierarchy_figure",
     "part_usage_figure",
-    "report_metrics",
     "training_curves_figure",
+    "write_report",
 ]

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ivpt.config import Config, apply_overrides
-from ivpt.engine.checkpoint import (
+from ivpt.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
+from ivpt.config import Config, apply_overrides
 from ivpt.errors import CheckpointError, ConfigError, IVPTError
+from ivpt.model.pretrained import load_checkpoint
 
 CLASSES = ["a", "b", "c"]
 
@@ -108,23 +108,23 @@ def test_pickled_python_objects_are_refused(tmp_path: Path) -> None:
 
 def test_missing_entries_are_listed(tmp_path: Path, payload: dict) -> None:
     partial = {k: v for k, v in payload.items() if k not in ("model", "class_names")}
-    path = _write(tmp_path / "p.pt", partial)
+    path = save_checkpoint(tmp_path / "p.pt", partial)
     with pytest.raises(CheckpointError, match="lacks the entries class_names, model needed to rebuild the model"):
         read_checkpoint(path)
-    full = _write(tmp_path / "full.pt", payload)
+    full = save_checkpoint(tmp_path / "full.pt", payload)
     assert read_checkpoint(full)["class_names"] == CLASSES
     with pytest.raises(CheckpointError, match="lacks the entries optimizer, .*best_metric needed to resume training"):
         read_checkpoint(full, training=True)
 
 
 def test_model_entry_must_hold_tensors(tmp_path: Path, payload: dict) -> None:
-    path = _write(tmp_path / "m.pt", {**payload, "model": {"w": [1, 2]}})
+    path = save_checkpoint(tmp_path / "m.pt", {**payload, "model": {"w": [1, 2]}})
     with pytest.raises(CheckpointError, match="entry 'model' is not a state dict of tensors"):
         read_checkpoint(path)
 
 
 def test_load_checkpoint_rebuilds_the_model_in_eval_mode(tmp_path: Path, payload: dict) -> None:
-    path = _write(tmp_path / "ok.pt", payload)
+    path = save_checkpoint(tmp_path / "ok.pt", payload)
     model, cfg, info = load_checkpoint(path, overrides=["eval.stage=-1"])
     assert not model.training
     assert cfg.eval.stage == -1
@@ -146,7 +146,7 @@ def test_load_checkpoint_lists_missing_unexpected_and_reshaped_keys(tmp_path: Pa
     state["extra.weight"] = torch.zeros(1)
     reshaped = next(k for k, v in state.items() if v.dim() == 2)
     state[reshaped] = torch.zeros(1, 1)
-    path = _write(tmp_path / "bad.pt", {**payload, "model": state})
+    path = save_checkpoint(tmp_path / "bad.pt", {**payload, "model": state})
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     text = str(info.value)
@@ -158,10 +158,10 @@ def test_load_checkpoint_lists_missing_unexpected_and_reshaped_keys(tmp_path: Pa
 
 def test_invalid_stored_config_and_bad_overrides(tmp_path: Path, payload: dict) -> None:
     broken = {**payload, "config": {**payload["config"], "train": {"epochz": 3}}}
-    path = _write(tmp_path / "cfg.pt", broken)
+    path = save_checkpoint(tmp_path / "cfg.pt", broken)
     with pytest.raises(CheckpointError, match=r"its stored config is invalid: .*unknown config key 'train.epochz'"):
         load_checkpoint(path)
-    good = _write(tmp_path / "good.pt", payload)
+    good = save_checkpoint(tmp_path / "good.pt", payload)
     with pytest.raises(ConfigError, match="unknown config key 'eval.stag'"):
         load_checkpoint(good, overrides=["eval.stag=1"])
 
