@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import os
+import struct
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +18,7 @@ import torch
 from ivpt.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    payload_digest,
     read_checkpoint,
     save_checkpoint,
 )
@@ -170,3 +177,136 @@ def test_errors_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(IVPTError):
         read_checkpoint(tmp_path / "nothing.pt")
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+# --- failed writes (issue 28.2) -----------------------------------------------------------------------
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_previous_checkpoint_survives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run" / "last.pt"
+    save_checkpoint(path, {"x": torch.ones(2)})
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        """The temporary file of the write, on a disk with no space left."""
+
+        def __init__(self, file: io.BufferedWriter) -> None:
+            self.file = file
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.file, name)
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, {"x": torch.zeros(1000)})
+    assert str(info.value) == f"could not write {path}: No space left on device"
+    monkeypatch.undo()
+    assert torch.equal(read_checkpoint_tensors(path)["x"], torch.ones(2))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+def read_checkpoint_tensors(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+FILE_SIZE_LIMIT = """
+import resource, sys, torch
+from ivpt.checkpoint import save_checkpoint
+from ivpt.errors import CheckpointError
+
+path = sys.argv[1]
+save_checkpoint(path, {"x": torch.ones(10)})
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_checkpoint(path, {"x": torch.ones(1_000_000)})  # 4 MB, past the limit
+except CheckpointError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_file_size_limit_is_one_line_naming_the_file_and_the_previous_checkpoint_survives(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, str(path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.strip() == f"could not write {path}: File too large"
+    assert torch.equal(read_checkpoint_tensors(path)["x"], torch.ones(10))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_an_unwritable_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("hi")
+    with pytest.raises(CheckpointError, match=f"could not write {blocker / 'sub' / 'last.pt'}: "):
+        save_checkpoint(blocker / "sub" / "last.pt", {"x": torch.ones(1)})
+
+
+# --- integrity (issue 28.7) ---------------------------------------------------------------------------
+
+
+def flip_tensor_bytes(path: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of the largest tensor record of a torch zip file."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    offset = record.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    middle = offset + 30 + name_length + extra_length + record.file_size // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_tensor_bytes_are_an_error_naming_the_file(tmp_path: Path, payload: dict) -> None:
+    path = save_checkpoint(tmp_path / "best.pt", payload)
+    assert read_checkpoint(path)["sha256"] == payload_digest(read_checkpoint(path))
+    flip_tensor_bytes(path)
+    # torch itself reads the damaged file without complaint...
+    damaged = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    assert any(not torch.equal(damaged[k], payload["model"][k]) for k in damaged)
+    # ...the digest does not.
+    with pytest.raises(CheckpointError, match=f"checkpoint '{path}' is damaged: its tensor data does not match"):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        load_checkpoint(path)
+
+
+def test_the_digest_covers_every_tensor_with_its_name_dtype_and_shape() -> None:
+    base = {"a": torch.arange(4, dtype=torch.float32), "nested": {"b": [torch.ones(2, 2)]}}
+    digest = payload_digest(base)
+    expected = hashlib.sha256()
+    for name, tensor in (("/a", base["a"]), ("/nested/b/0", base["nested"]["b"][0])):
+        expected.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        expected.update(tensor.numpy().tobytes())
+    assert digest == expected.hexdigest()
+    assert payload_digest({**base, "sha256": "anything", "epoch": 3}) == digest  # only tensors count
+    for changed in (
+        {**base, "a": torch.arange(4, dtype=torch.float64)},
+        {**base, "a": torch.arange(4, dtype=torch.float32).reshape(2, 2)},
+        {"b": base["a"], "nested": base["nested"]},
+    ):
+        assert payload_digest(changed) != digest
+
+
+def test_version_1_files_without_a_digest_still_load(tmp_path: Path, payload: dict) -> None:
+    old = {key: value for key, value in payload.items() if key not in ("frozen",)}
+    path = _write(tmp_path / "v1.pt", {**old, "version": 1})
+    model, _, _ = load_checkpoint(path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in payload["model"].items())
+    with pytest.raises(CheckpointError, match="lacks its sha256 entry"):
+        read_checkpoint(_write(tmp_path / "v2.pt", {**old, "version": 2}))

@@ -20,6 +20,7 @@ from ivpt.errors import IVPTError
 CONFIG_HELP = "a YAML file, or the name of an installed preset ({presets}); later key=value overrides win"
 # A config override on the command line: a dotted key, then "=".
 OVERRIDE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+=")
+CHECKPOINT_HELP = "checkpoint written by ivpt train, a folder written by ivpt export, or hf-hub:org/name"
 OVERRIDES_HELP = "config overrides such as train.epochs=3 model.n_pro=[6,5] (see docs/configuration.md)"
 
 
@@ -84,6 +85,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     path = build_report(args.checkpoint, overrides=args.overrides, out_dir=args.out, top_k=args.top_k)
     print(f"report written to {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ivpt.model.pretrained import export_checkpoint
+
+    folder = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {folder} (load it with ivpt.from_pretrained, or pass it as --checkpoint)")
     return 0
 
 
@@ -207,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_const", const=None, help="start afresh")
 
     p = add("eval", _cmd_eval, "Evaluate a checkpoint: accuracy and interpretability metrics.")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument(
         "--metrics",
         metavar="LIST",
@@ -222,14 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs", nargs="+", metavar="IMAGE_OR_KEY=VALUE",
         help="image files (any format PIL reads), then config overrides such as eval.stage=-2 as for eval",
     )
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for PNG + JSON per image")
 
     p = add("report", _cmd_report, "Write a static HTML report of a trained model.")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (index.html and images)")
     p.add_argument("--top-k", type=int, default=6, help="gallery crops per concept (default 6)")
     _add_config_args(p, with_file=False)
+
+    p = add("export", _cmd_export, "Write a checkpoint as a model folder (config.json + model.safetensors).")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (ivpt.from_pretrained reads it)")
 
     p = add("demo", _cmd_demo, "Run the whole story offline on synthetic data (what `make demo` runs).")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
