@@ -17,6 +17,7 @@ from PIL import Image
 
 from ivpt.config import Config
 from ivpt.data import build_dataset, load_annotations
+from ivpt.model.preprocessing import preprocessing_of
 
 
 def _dot_images(root: Path, x: int, y: int) -> None:
@@ -50,7 +51,8 @@ def test_a_keypoint_lands_on_the_pixel_it_names(
     # symmetrically around the centre of the pixel it came from.
     cfg = make_cfg(layout, root, img_size=72)
     sample = build_dataset(cfg, "test", bbox_crop=bbox_crop)[0]
-    std, mean = np.asarray(cfg.data.std)[:, None, None], np.asarray(cfg.data.mean)[:, None, None]
+    prep = preprocessing_of(cfg)  # the backbone's mean / std, the config leaving them unset
+    std, mean = np.asarray(prep.std)[:, None, None], np.asarray(prep.mean)[:, None, None]
     brightness = (sample["image"].numpy() * std + mean).mean(axis=0)
     brightness = np.where(brightness > 1e-3, brightness, 0.0)  # the black background's rounding
     centroid = np.array(_brightness_centroid(brightness))
