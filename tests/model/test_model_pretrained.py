@@ -200,6 +200,9 @@ def test_preprocessing_comes_from_the_backbone_unless_the_config_sets_it() -> No
     cfg.model.arch = "vit_base_patch16_clip_224.openai"
     clip = preprocessing_of(cfg)
     assert clip.img_size == 224 and clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    tiny = dict(patch_size=8, depth=3, embed_dim=32, num_heads=2)
+    model = ivpt.create_model(cfg.model.arch, 3, 32, (4, 3), backbone_args=tiny)
+    assert model.preprocessing == Preprocessing(32, clip.mean, clip.std)
     cfg.model.img_size, cfg.data.std = 112, (1.0, 1.0, 1.0)
     assert preprocessing_of(cfg) == Preprocessing(112, clip.mean, (1.0, 1.0, 1.0))
     cfg.model.arch = "hf-hub:someone/some-vit"
