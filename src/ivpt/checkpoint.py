@@ -304,10 +304,25 @@ def checkpoint_config(payload: Mapping[str, Any], path: str | Path, overrides: S
         raise CheckpointError(f"checkpoint '{path}': its stored config is invalid: {exc}") from None
     apply_overrides(cfg, list(overrides))
     validate(cfg)
-    if not frozen_keys(payload):
+    require_pretrained(cfg, frozen_keys(payload), f"checkpoint '{path}'")
+    return cfg
+
+
+def require_pretrained(cfg: Config, frozen: Sequence[str], source: str) -> None:
+    """Turn pretrained loading off when a file stores every tensor; refuse to when it relies on it.
+
+    Raises:
+        CheckpointError: the file leaves frozen tensors to the pretrained weights, but ``cfg`` (after
+            the caller's overrides) builds the model without them.
+    """
+    if not frozen:
         cfg.model.pretrained = False
         cfg.model.pretrained_file = ""
-    return cfg
+    elif not cfg.model.pretrained:
+        raise CheckpointError(
+            f"{source} leaves {len(frozen)} frozen backbone tensors to the pretrained weights of "
+            f"'{cfg.model.arch}', so model.pretrained must stay true (model.pretrained_file=... names a local copy)"
+        )
 
 
 # --- model states -------------------------------------------------------------------------------------
@@ -395,6 +410,7 @@ __all__ = [
     "frozen_record",
     "load_model_state",
     "payload_digest",
+    "require_pretrained",
     "read_checkpoint",
     "read_tensors",
     "save_checkpoint",

@@ -209,3 +209,18 @@ def test_preprocessing_comes_from_the_backbone_unless_the_config_sets_it() -> No
     cfg.model.img_size = None
     with pytest.raises(ConfigError, match="config key 'model.img_size': timm has no pretrained config"):
         preprocessing_of(cfg)
+
+
+def test_a_file_without_the_frozen_backbone_needs_the_pretrained_weights(tmp_path: Path) -> None:
+    model = demo_model()
+    folder = ivpt.save_pretrained(model, tmp_path / "export")
+    left_out = len(pretrained_keys(model))
+    with pytest.raises(CheckpointError, match=rf"leaves {left_out} frozen backbone tensors .* must stay true"):
+        ivpt.load_checkpoint(folder, ["model.pretrained=false"])
+
+
+def test_eval_of_a_hub_model_needs_an_output_folder() -> None:
+    from ivpt.engine.evaluate import evaluate_checkpoint
+
+    with pytest.raises(ConfigError, match="'hf-hub:a/b' has no folder of its own for metrics.json; give --out DIR"):
+        evaluate_checkpoint("hf-hub:a/b")

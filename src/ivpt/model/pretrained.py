@@ -36,6 +36,7 @@ from ivpt.checkpoint import (
     load_model_state,
     read_checkpoint,
     read_tensors,
+    require_pretrained,
     save_tensors,
     write_json,
 )
@@ -250,8 +251,7 @@ def _folder_model(
     frozen = weights.get("frozen") or {"keys": []}
     if pretrained_file is not None:
         cfg.model.pretrained_file = pretrained_file
-    if not frozen.get("keys"):
-        cfg.model.pretrained, cfg.model.pretrained_file = False, ""
+    require_pretrained(cfg, frozen.get("keys", []), f"'{folder}'")
     weights_path = folder / str(weights.get("file", WEIGHTS_FILE))
     tensors, _ = read_tensors(weights_path)
     class_names = _class_names(values["class_names"], path)
