@@ -78,3 +78,38 @@ def test_the_check_sees_lazy_and_type_checking_imports() -> None:
         "    from .state import x\n"
     )
     assert imported_parts(source, "model") == {"config", "engine", "viz", "demo", "__version__", "model"}
+
+
+# --- one source for the options ------------------------------------------------------------------------
+
+
+def test_choices_and_keywords_come_from_the_config_dataclasses() -> None:
+    import dataclasses
+    import typing
+
+    from ivpt.cli import build_parser
+    from ivpt.config import DATASETS, METHODS, PRECISIONS, DataConfig, ModelConfig, TrainConfig
+    from ivpt.errors import ConfigError
+    from ivpt.model import create_model
+    from ivpt.model.factory import OPTION_NAMES
+
+    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(DataConfig)}
+    assert typing.get_args(hints["method"]) == METHODS
+    assert typing.get_args(hints["dataset"]) == DATASETS
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["precision"]) == PRECISIONS
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    bench = {a.dest: a.choices for a in subcommands["bench"]._actions}
+    assert tuple(bench["method"]) == METHODS and tuple(bench["precision"]) == PRECISIONS
+    assert tuple(next(a for a in subcommands["data-check"]._actions if a.dest == "dataset").choices) == DATASETS
+
+    positional = ("arch", "img_size", "n_pro", "pretrained")
+    assert set(OPTION_NAMES) | set(positional) == {f.name for f in dataclasses.fields(ModelConfig)}
+    tiny = dict(patch_size=8, depth=3, embed_dim=32, num_heads=2)
+    model = create_model("vit_tiny_patch16_224", 3, 32, (4, 3), backbone_args=tiny, pooling="soft")
+    assert model.model_config == ModelConfig(
+        arch="vit_tiny_patch16_224", img_size=32, n_pro=(4, 3), pretrained=False, backbone_args=tiny, pooling="soft"
+    )
+    with pytest.raises(ConfigError, match="create_model: unknown option.* pools; the options are the fields"):
+        create_model("vit_tiny_patch16_224", 3, 32, (4, 3), pools="soft")
+    with pytest.raises(ConfigError, match="config key 'model.spatial_bias': expected bool, got 'yes'"):
+        create_model("vit_tiny_patch16_224", 3, 32, (4, 3), backbone_args=tiny, spatial_bias="yes")

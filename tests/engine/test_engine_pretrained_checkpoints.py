@@ -37,6 +37,7 @@ def demo_config(tiny_config: Callable[..., Config]) -> Callable[..., Config]:
     return make
 
 
+@pytest.mark.slow
 def test_checkpoints_leave_out_the_frozen_backbone_and_resume_exactly(demo_config, tmp_path: Path) -> None:
     straight = demo_config(f"train.out_dir={tmp_path / 'straight'}")
     train(straight, resume=None)
@@ -63,6 +64,7 @@ def test_checkpoints_leave_out_the_frozen_backbone_and_resume_exactly(demo_confi
     assert all(torch.equal(rebuilt[k], state[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_the_exported_folder_works_wherever_a_checkpoint_does(demo_config, tmp_path: Path, capsys) -> None:
     cfg = demo_config("train.epochs=1")
     train(cfg, resume=None)

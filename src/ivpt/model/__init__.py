@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from ivpt.model.factory import METHODS, build_model, create_model
+from ivpt.config import METHODS
+from ivpt.model.factory import build_model, create_model
 from ivpt.model.official import convert_official, load_official_checkpoint
 from ivpt.model.output import IVPTOutput
 from ivpt.model.params import GROUP_NAMES, param_groups, parameter_counts

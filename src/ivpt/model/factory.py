@@ -7,7 +7,9 @@ import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ivpt.config import METHODS, ModelConfig, coerce  # noqa: F401 - METHODS re-exported
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ivpt.config import ModelConfig, coerce
 from ivpt.errors import ConfigError
 from ivpt.model.backbone import ViTModel, create_backbone
 from ivpt.model.baselines import PromptTunedViT
@@ -32,7 +34,8 @@ def model_config(
 ) -> ModelConfig:
     """The :class:`ivpt.config.ModelConfig` of :func:`create_model`'s arguments, each checked against its type.
 
-    ``img_size`` is stored only when square (``(s, s)`` or ``s``); ``None`` leaves it to the backbone.
+    ``img_size`` is stored only when square (``(s, s)`` or ``s``); ``None`` leaves it to the backbone. An
+    option given as ``None`` keeps its default (``backbone_args=None`` is ``{}``).
 
     Raises:
         ConfigError: an unknown option, or a value of the wrong type or outside the allowed choices.
@@ -44,7 +47,8 @@ def model_config(
             f"ivpt.config.ModelConfig: {', '.join(OPTION_NAMES)}"
         )
     hints = typing.get_type_hints(ModelConfig)
-    values: dict[str, Any] = {"arch": arch, "pretrained": pretrained, **options}
+    values: dict[str, Any] = {"arch": arch, "pretrained": pretrained}
+    values.update((name, value) for name, value in options.items() if value is not None)
     if n_pro is not None:
         values["n_pro"] = n_pro
     if isinstance(img_size, (tuple, list)):
@@ -108,11 +112,13 @@ def create_model(
     config = model_config(arch, img_size, n_pro, pretrained, **options)
     backbone_size = img_size if isinstance(img_size, (tuple, list)) else config.img_size
     model = _create(config, num_classes, backbone_size)
-    pretrained_cfg = model.backbone.pretrained_cfg
+    pretrained_cfg = model.backbone.pretrained_cfg or {}
     model.model_config = config
     height, width = model.img_size
     model.preprocessing = Preprocessing(
-        height if height == width else (height, width), tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"])
+        height if height == width else (height, width),
+        tuple(pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+        tuple(pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)),
     )
     return model
 
