@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,13 +16,25 @@ PRESETS = {p.name for p in (REPO / "src" / "ivpt" / "configs").glob("*.yaml")}
 
 # Runs the installed package with the checkout's src/ (the editable install's path entry) removed from
 # sys.path, so that only the wheel's files can be imported.
-_BOOT = """
+_ISOLATE = """
 import sys
 sys.path[:] = [{target!r}] + [p for p in sys.path if not p.rstrip('/').endswith('/src')]
 import ivpt
 assert ivpt.__file__.startswith({target!r}), ivpt.__file__
-from ivpt.cli import main
-sys.exit(main(sys.argv[1:]))
+"""
+_CLI = "from ivpt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+# A user's first lines after training: load the exported folder, predict and explain one image, save again.
+_PYTHON_USER = """
+import json
+from PIL import Image
+model = ivpt.from_pretrained("exported")
+image = Image.open(sys.argv[1])
+logits = model(ivpt.transforms_for(model)(image)[None]).logits
+info = ivpt.explain(model, image)
+ivpt.save_pretrained(model, "saved")
+again = ivpt.from_pretrained("saved")
+same = bool((again(ivpt.transforms_for(again)(image)[None]).logits == logits).all())
+print(json.dumps({"predicted": int(logits.argmax()), "explained": info["predicted"]["index"], "same": same}))
 """
 
 
@@ -61,8 +74,9 @@ def test_installed_package_trains_a_preset_by_name_from_another_directory(instal
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    isolate = _ISOLATE.format(target=str(target))
     command = [
-        sys.executable, "-c", _BOOT.format(target=str(target)), "train", "-c", "synthetic_tiny",
+        sys.executable, "-c", isolate + _CLI, "train", "-c", "synthetic_tiny",
         f"data.root={synthetic_root}", "data.val_fraction=0.25", "train.epochs=1", "train.max_steps=2",
         "train.batch_size=4", "train.progress=false", "train.test_at_end=false", "train.out_dir=run",
         "model.n_pro=[4,3]",
@@ -71,3 +85,15 @@ def test_installed_package_trains_a_preset_by_name_from_another_directory(instal
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (workdir / "run" / "last.pt").is_file() and (workdir / "run" / "config.yaml").is_file()
     assert "arch: ivpt_demo_vit" in (workdir / "run" / "config.yaml").read_text()
+
+    export = [sys.executable, "-c", isolate + _CLI, "export", "--checkpoint", "run/last.pt", "--out", "exported"]
+    proc = subprocess.run(export, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name for p in (workdir / "exported").iterdir()} == {"config.json", "model.safetensors"}
+
+    image = next((synthetic_root / "images").rglob("*.jpg"))
+    user = [sys.executable, "-c", isolate + _PYTHON_USER, str(image)]
+    proc = subprocess.run(user, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["predicted"] == result["explained"] and result["same"] is True
