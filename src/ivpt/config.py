@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from ivpt.errors import ConfigError
+from ivpt.outputs import write_text
 
 Method = Literal["ivpt", "vpt_shallow", "vpt_deep", "vpt_deep_proto", "last_layer_proto", "linear_probe"]
 
@@ -185,7 +186,7 @@ class Config:
         return cfg
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _to_plain(value: Any) -> Any:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ivpt.config import Config
 from ivpt.errors import IVPTError
+from ivpt.outputs import prepare_output_dir, write_text
 from ivpt.viz.concept_stats import ConceptStatistics, ConceptStatisticsMeter, crop_box
 from ivpt.viz.drawing import concept_label, draw_hierarchy, save_figure, save_image
 from ivpt.viz.explain import default_device
@@ -110,7 +111,7 @@ def report_metrics(
         return results, f"read from {path} (written by ivpt eval for this checkpoint)"
     results = evaluate(model, cfg, metrics, device, split="test", observe=observe)
     results["checkpoint"] = str(checkpoint)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text(out_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
     return results, "computed now by ivpt.engine.evaluate (the function behind ivpt eval); also in metrics.json"
 
 
@@ -456,9 +457,8 @@ def build_report(
     device = device or default_device()
     model, cfg, info = load_checkpoint(checkpoint, overrides, device)
     class_names: list[str] = list(info["class_names"])
-    out = Path(out_dir)
-    images_dir = out / "img"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir, "report: output folder")
+    images_dir = prepare_output_dir(out / "img", "report: output folder")
 
     dataset = build_dataset(cfg, "test", train_transform=False)
     if len(dataset.class_names) != len(class_names):
@@ -541,7 +541,7 @@ def build_report(
         f"<h1>ivpt report</h1>\n<p class='meta'>{meta}</p>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
     )
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_text(index, page)
     return index
 
 
