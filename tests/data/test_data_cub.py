@@ -124,6 +124,7 @@ def test_clean_copy_has_no_problems(cub_root: Path) -> None:
         "classes": 3,
         "parts": list(PARTS),
         "problems": [],
+        "warnings": [],
     }
 
 
