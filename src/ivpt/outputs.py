@@ -28,10 +28,10 @@ _EXPECTED: dict[int, str] = {
     errno.EROFS: "expected a writable file system",
     errno.ENOSPC: "expected free space on its file system",
     errno.EDQUOT: "expected room within the disk quota",
-    errno.EFBIG: "expected a file within the size limit (see `ulimit -f`) and the file system's maximum",
+    errno.EFBIG: "expected a file within the size limit of `ulimit -f` and of the file system",
     errno.ENAMETOOLONG: "expected a shorter name",
     errno.ELOOP: "expected a path without a cycle of symbolic links",
-    errno.EMFILE: "expected fewer open files (see `ulimit -n`)",
+    errno.EMFILE: "expected fewer open files than `ulimit -n`",
 }
 
 

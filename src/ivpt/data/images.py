@@ -101,8 +101,8 @@ def _open(path: Path, what: str, warn: bool = True) -> Image.Image:
 
 def _bomb_message(path: Path, what: str, exc: Image.DecompressionBombError) -> str:
     return (
-        f"{what} '{path}' is too large to decode safely: {exc} (shrink it; if the file is trusted, raise "
-        "PIL.Image.MAX_IMAGE_PIXELS)"
+        f"{what} '{path}' is too large to decode safely ({str(exc).rstrip('.')}); shrink it, or raise "
+        "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
     )
 
 

@@ -77,10 +77,15 @@ def split_indices(
             needed += 1
         while needed > 2 and held_out(val_fraction, needed - 1) >= 1:
             needed -= 1
+        remedy = (
+            f"raise data.val_fraction to at least 0.5 / {largest}, or set data.val_fraction=0"
+            if largest >= 2
+            else "set data.val_fraction=0"
+        )
         raise DataError(
             f"split 'val' is empty: the classes are too small for data.val_fraction={val_fraction} (the largest "
-            f"has {largest} training images; a class needs {needed} to give one validation image and keep one "
-            "for training); raise data.val_fraction, or set data.val_fraction=0 to train without a validation split"
+            f"has {largest} training image{'s' if largest != 1 else ''}; a class needs {needed} to give one "
+            f"validation image and keep one for training); {remedy} to train without a validation split"
         )
     if val.size == 0:
         raise DataError(

@@ -812,7 +812,7 @@ def pretrain_backbone(
         )
     if "token_stride" in (arch_args or {}):
         raise IVPTError("pretrain-backbone: set the token stride in the recipe (--token-stride), not in arch_args")
-    prepare_output_dir(out.parent, "pretrain-backbone: output folder")  # before the minutes of training
+    prepare_output_dir(out.parent)  # before the minutes of training
     target_device = resolve_device(device, setting="pretrain-backbone --device")
     started = time.perf_counter()
     if progress:

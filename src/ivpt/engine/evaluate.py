@@ -491,7 +491,7 @@ def evaluate_checkpoint(
     model, cfg, info = load_checkpoint(checkpoint, overrides, device="cpu")
     # Before any metric: an unusable folder must not cost the evaluation (every rank checks, so that
     # all of them stop together).
-    target = prepare_output_dir(out_dir if out_dir is not None else checkpoint.parent, "eval: output folder")
+    target = prepare_output_dir(out_dir if out_dir is not None else checkpoint.parent)
     ctx = init_distributed(cfg.train.device)
     try:
         model.to(ctx.device)

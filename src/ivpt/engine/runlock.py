@@ -57,14 +57,14 @@ class RunLock:
             IVPTError: another live process holds it (the message names the folder and the holder), or
                 the folder cannot be created or written.
         """
-        prepare_output_dir(self.out_dir, "train.out_dir: run folder")
+        prepare_output_dir(self.out_dir, "run folder (train.out_dir)")
         if fcntl is None:  # pragma: no cover
             return self
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise IVPTError(f"train.out_dir: cannot lock the run folder: {describe_os_error(exc)}") from None
+                raise IVPTError(f"cannot lock run folder (train.out_dir) {describe_os_error(exc)}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -322,7 +322,7 @@ def explain_files(
         load_image(path)
     device = device or default_device()
     model, cfg, info = load_checkpoint(checkpoint, overrides, device)
-    out = prepare_output_dir(out_dir, "explain: output folder")
+    out = prepare_output_dir(out_dir)
     written = []
     for path, stem in zip(paths, _output_stems(paths), strict=True):
         result = explain(model, load_image(path), cfg=cfg, class_names=info["class_names"], device=device)

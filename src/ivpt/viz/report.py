@@ -457,8 +457,8 @@ def build_report(
     device = device or default_device()
     model, cfg, info = load_checkpoint(checkpoint, overrides, device)
     class_names: list[str] = list(info["class_names"])
-    out = prepare_output_dir(out_dir, "report: output folder")
-    images_dir = prepare_output_dir(out / "img", "report: output folder")
+    out = prepare_output_dir(out_dir)
+    images_dir = prepare_output_dir(out / "img")
 
     dataset = build_dataset(cfg, "test", train_transform=False)
     if len(dataset.class_names) != len(class_names):
