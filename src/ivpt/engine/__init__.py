@@ -9,7 +9,9 @@
 - :mod:`ivpt.engine.checkpoint`: :func:`~ivpt.engine.checkpoint.save_checkpoint`,
   :func:`~ivpt.engine.checkpoint.read_checkpoint`, :func:`~ivpt.engine.checkpoint.load_checkpoint`;
 - :mod:`ivpt.engine.schedule`, :mod:`ivpt.engine.rng`, :mod:`ivpt.engine.distributed`,
-  :mod:`ivpt.engine.logger`: learning-rate schedules, random state, process groups, run logs.
+  :mod:`ivpt.engine.logger`: learning-rate schedules, random state, process groups, run logs;
+- :mod:`ivpt.engine.runlock`, :mod:`ivpt.engine.interrupt`: one run per folder, Ctrl-C saving
+  ``last.pt``.
 
 Nothing is imported here, so that loading one part does not pull in the others (the trainer needs the
 data and model packages; checkpoint reading does not).

@@ -307,6 +307,8 @@ class Trainer:
         """Log the stop and raise :class:`TrainingInterrupted`; ``last.pt`` holds this very step."""
         step = self.progress.step
         self.logger.log("interrupt", step, epoch=self.progress.epoch, checkpoint=str(self.last_path))
+        if not self.ctx.is_main:
+            raise TrainingInterrupted()  # rank 0 alone says where it saved
         raise TrainingInterrupted(f"saved {self.last_path} at step {step}; the same command resumes from it")
 
     def _log_train(self, window: _LossWindow, bar: tqdm) -> None:
