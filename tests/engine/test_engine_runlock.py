@@ -14,6 +14,7 @@ import pytest
 
 from ivpt.cli import main
 from ivpt.engine.interrupt import DeferredInterrupt
+from ivpt.engine.logger import read_log
 from ivpt.engine.runlock import LOCK_NAME, RunLock
 from ivpt.engine.trainer import train
 from ivpt.errors import IVPTError
@@ -90,6 +91,8 @@ def test_a_run_in_another_process_holds_the_folder_until_it_dies(tiny_overrides,
         in err
     )
     assert not (folder / LOCK_NAME).exists()
+    notes = [r["message"] for r in read_log(folder / "log.jsonl") if r["event"] == "note"]
+    assert any(note.startswith(f"taking over the stale lock of run folder '{folder}'") for note in notes)
 
 
 def test_the_first_interrupt_is_deferred_and_the_second_stops_at_once() -> None:

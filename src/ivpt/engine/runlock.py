@@ -64,7 +64,7 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise IVPTError(f"cannot lock run folder (train.out_dir) {describe_os_error(exc)}") from None
+                raise _cannot_lock(exc, self.path) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -91,9 +91,13 @@ class RunLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as exc:
+            self.release()
+            raise _cannot_lock(exc, self.path) from None
         return self
 
     @property
@@ -143,6 +147,10 @@ def lock_run_folder(out_dir: str | Path, ctx: DistributedContext) -> RunLock:
     if problem is not None:
         raise IVPTError(problem)
     return lock
+
+
+def _cannot_lock(exc: OSError, path: Path) -> IVPTError:
+    return IVPTError(f"cannot lock run folder (train.out_dir) {describe_os_error(exc, path)}")
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,10 +103,8 @@ def train(cfg: Config, resume: str | None = "auto") -> dict[str, Any] | None:
         # Before anything slow: an unusable folder, or one another run is writing, fails at once.
         lock = lock_run_folder(cfg.train.out_dir, ctx)
         try:
-            trainer = Trainer(cfg, ctx)
-            if lock.stale_message is not None:
-                trainer.logger.log("note", 0, message=lock.stale_message)
-            summary = trainer.run(resume)
+            notes = [lock.stale_message] if lock.stale_message is not None else []
+            summary = Trainer(cfg, ctx).run(resume, notes)
         finally:
             lock.release()
     finally:
@@ -180,7 +179,8 @@ class Trainer:
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def run(self, resume: str | None) -> dict[str, Any]:
+    def run(self, resume: str | None, notes: Sequence[str] = ()) -> dict[str, Any]:
+        """Train (resuming as :func:`train` says); ``notes`` are logged as ``note`` records at the start."""
         cfg, ctx = self.cfg, self.ctx
         resumed_from = self._resume(resume)
         self.logger.rewind(self.progress.step if resumed_from else None)
@@ -206,6 +206,8 @@ class Trainer:
             val_images=len(self.val_set) if self.val_set is not None else 0,
             trainable_parameters=sum(p.numel() for p in self.step.trainable),
         )
+        for message in notes:
+            self.logger.log("note", self.progress.step, message=message)
         if self.val_set is None:
             self._note(
                 "data.val_fraction is 0: no validation split, so best.pt is the last checkpoint "
