@@ -62,6 +62,16 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
         ("train.batch_size=0", "'train.batch_size': must be >= 1"),
         ("epochs", "expected key=value"),
         ("model.cache_features=true", "'model.cache_features': data.augment=paper draws a new random crop"),
+        # Values that cannot work (the default arch, vit_base_patch14_reg4_dinov2, has 14 x 14 patches).
+        ("model.img_size=10", "'model.img_size': 10 px is smaller than one 14 x 14 patch of 'vit_base_patch14_reg4"),
+        ("optim.lr_head=-0.01", "config key 'optim.lr_head': expected a finite number >= 0, got -0.01"),
+        ("optim.lr_backbone=.inf", "config key 'optim.lr_backbone': expected a finite number >= 0, got inf"),
+        ("loss.entropy=-1", "config key 'loss.entropy': expected a finite number >= 0, got -1.0"),
+        ("optim.step_gamma=0", "config key 'optim.step_gamma': expected a finite number > 0, got 0.0"),
+        ("data.num_workers=-1", "config key 'data.num_workers': expected a finite number >= 0, got -1"),
+        ("optim.betas=[0.9,1.0]", "config key 'optim.betas': expected two numbers in [0, 1), got [0.9, 1.0]"),
+        ("data.std=[0.2,0,0.2]", "config key 'data.std': expected three numbers > 0, got [0.2, 0.0, 0.2]"),
+        ("loss.label_smoothing=1", "config key 'loss.label_smoothing': expected a number in [0, 1), got 1.0"),
     ],
 )
 def test_bad_overrides_name_the_key_and_allowed_values(override, message):
@@ -73,6 +83,8 @@ def test_bad_overrides_name_the_key_and_allowed_values(override, message):
 def test_bad_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=f"config file '{tmp_path}' is a directory, expected a YAML file"):
+        load_config(tmp_path)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml' is not valid YAML"):
@@ -142,3 +154,12 @@ def test_the_suite_cannot_download_weights():
     for download in (torch.hub.load_state_dict_from_url, timm.models._builder.load_state_dict_from_url):
         with pytest.raises(RuntimeError, match="tests must not download weights"):
             download("https://example.invalid/weights.pth")
+
+
+def test_the_patch_size_comes_from_backbone_args_before_the_name():
+    tiny = ["model.arch=vit_tiny_patch16_224", "model.backbone_args={patch_size: 8}"]
+    assert load_config(None, [*tiny, "model.img_size=8"]).model.img_size == 8  # one 8 x 8 patch is enough
+    with pytest.raises(ConfigError, match="7 px is smaller than one 8 x 8 patch"):
+        load_config(None, [*tiny, "model.img_size=7"])
+    # A name without a patch size (the demo ViT) is not guessed at.
+    assert load_config(None, ["model.arch=ivpt_demo_vit", "model.img_size=4"]).model.img_size == 4

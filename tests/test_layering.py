@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ivpt"
 # Bottom to top; a part may import the parts of lower levels, never one of its own level or above.
 LEVELS: tuple[tuple[str, ...], ...] = (
     ("errors",),
+    ("outputs",),
     ("config",),
     ("checkpoint",),
     ("model",),

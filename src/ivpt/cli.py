@@ -2,13 +2,16 @@
 
 Every subcommand is a thin shell around a Python function of the package; this file only parses
 arguments, builds the config and prints. User errors (:class:`ivpt.errors.IVPTError`, missing files)
-print one line and exit 2; ``--debug`` shows the traceback instead.
+print one line and exit 2, and so do operating-system errors (a path that cannot be written, a full
+disk); ``--debug`` (or the environment variable ``IVPT_DEBUG=1``, handy under ``torchrun``) shows the
+traceback instead. An interrupt (Ctrl-C) exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from ivpt.config import DATASETS, METHODS, PRECISIONS
 from ivpt.errors import IVPTError
+from ivpt.outputs import describe_os_error
 
 CONFIG_HELP = "a YAML file, or the name of an installed preset ({presets}); later key=value overrides win"
 # A config override on the command line: a dotted key, then "=".
@@ -354,16 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("IVPT_DEBUG", "") not in ("", "0")
     try:
         return int(args.handler(args) or 0)
-    except (IVPTError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        if args.debug:
+    except (IVPTError, OSError) as exc:
+        if debug:
             raise
-        print(f"ivpt {args.command}: error: {exc}", file=sys.stderr)
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"ivpt {args.command}: error: {one_line(message)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ivpt {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A bare Ctrl-C has no message; an interrupted training run says where it saved.
+        said = f": {one_line(str(exc))}" if str(exc) else ""
+        print(f"ivpt {args.command}: interrupted{said}", file=sys.stderr)
         return 130
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined by ``"; "`` (a YAML parser's message spans several)."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

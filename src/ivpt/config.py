@@ -13,6 +13,8 @@ The resolved config is written beside each run's outputs (``config.yaml``) and s
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from ivpt.errors import ConfigError
+from ivpt.outputs import write_text
 
 # The choices of the model options: the config fields below, ``ivpt.create_model``'s keywords and the
 # command line's ``choices`` all read them from here.
@@ -203,7 +206,7 @@ class Config:
         return cfg
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _to_plain(value: Any) -> Any:
@@ -352,6 +355,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory, expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -430,3 +435,82 @@ def validate(cfg: Config) -> None:
         values = getattr(cfg.data, key)
         if values is not None and len(values) != 3:
             raise ConfigError(f"config key 'data.{key}': expected three values (R, G, B) or null, got {list(values)}")
+    check_ranges(cfg)
+    check_patch_size(cfg.model)
+
+
+# Values outside these ranges cannot work: a negative learning rate climbs the loss, a negative loss
+# weight rewards what the term penalises, a zero std divides by zero.
+_NON_NEGATIVE = (
+    "optim.lr_head",
+    "optim.lr_prototypes",
+    "optim.lr_tokens",
+    "optim.lr_backbone",
+    "optim.weight_decay",
+    "optim.grad_clip",
+    "optim.warmup_epochs",
+    "optim.lr_ref_batch",
+    "loss.classification",
+    "loss.consistency",
+    "loss.presence",
+    "loss.bg_presence",
+    "loss.equivariance",
+    "loss.orthogonality",
+    "loss.total_variation",
+    "loss.entropy",
+    "train.max_steps",
+    "train.save_every_steps",
+    "data.num_workers",
+    "model.vpt_prompts",
+    "eval.box_half_size",
+    "eval.noise_std",
+    "eval.noise_clip",
+    "eval.faithfulness_sigma",
+)
+_POSITIVE = ("model.gumbel_tau", "optim.step_gamma", "optim.step_epochs", "eval.map_size")
+_FRACTIONS = {"loss.label_smoothing": (0.0, 1.0, "[0, 1)"), "eval.consistency_threshold": (0.0, 1.0, "[0, 1]")}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numbers that cannot work (see :data:`_NON_NEGATIVE`, :data:`_POSITIVE`, :data:`_FRACTIONS`)."""
+
+    def value(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key in _NON_NEGATIVE:
+        if not (math.isfinite(value(key)) and value(key) >= 0):
+            raise ConfigError(f"config key '{key}': expected a finite number >= 0, got {value(key)}")
+    for key in _POSITIVE:
+        if not (math.isfinite(value(key)) and value(key) > 0):
+            raise ConfigError(f"config key '{key}': expected a finite number > 0, got {value(key)}")
+    for key, (low, high, shown) in _FRACTIONS.items():
+        number = value(key)
+        inside = low <= number < high if shown.endswith(")") else low <= number <= high
+        if not inside:
+            raise ConfigError(f"config key '{key}': expected a number in {shown}, got {number}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"config key 'optim.betas': expected two numbers in [0, 1), got {list(betas)}")
+    if cfg.data.std is not None and not all(math.isfinite(std) and std > 0 for std in cfg.data.std):
+        raise ConfigError(f"config key 'data.std': expected three numbers > 0, got {list(cfg.data.std)}")
+
+
+def patch_size(model: ModelConfig) -> int | None:
+    """The backbone's patch side: ``backbone_args.patch_size``, else the ``patch<N>`` in a timm name."""
+    size = model.backbone_args.get("patch_size")
+    if size is None and (match := re.search(r"patch(\d+)", model.arch)):
+        size = int(match.group(1))
+    if isinstance(size, (list, tuple)) and size:
+        size = max(size)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def check_patch_size(model: ModelConfig) -> None:
+    """An image smaller than one patch gives the backbone nothing to embed."""
+    patch = patch_size(model)
+    if patch is not None and model.img_size is not None and model.img_size < patch:
+        raise ConfigError(
+            f"config key 'model.img_size': {model.img_size} px is smaller than one {patch} x {patch} patch of "
+            f"'{model.arch}'; expected at least {patch}"
+        )

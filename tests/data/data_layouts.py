@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,19 @@ def write_folder_layout(root: Path, counts: dict[str, int], split: bool) -> Path
             for k in range(n):
                 Image.new("RGB", (40, 30), image_colour(label, k)).save(folder / f"im{k:02d}.png")
     return root
+
+
+def write_huge_png(path: Path, width: int, height: int) -> None:
+    """A black 1-bit PNG of ``width x height`` pixels in a few kilobytes (all-zero rows compress well).
+
+    PIL reads its size from the header, so it stands for a decompression bomb without the memory.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed pixels
+    compressor = zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))

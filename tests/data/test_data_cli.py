@@ -22,9 +22,10 @@ def test_make_synthetic_then_data_check(tmp_path: Path, capsys: pytest.CaptureFi
     assert (report["train"], report["test"], report["classes"], report["problems"]) == (6, 3, 3, [])
     assert report["parts"][:3] == ["beak", "head", "eye"]
 
-    # Damage the copy: one unreadable image and one label line gone.
+    # Damage the copy: one image cut short after its header (it opens but does not decode) and one label
+    # line gone.
     images = sorted((root / "images").rglob("*.jpg"))
-    images[0].write_bytes(images[0].read_bytes()[:100])
+    images[0].write_bytes(images[0].read_bytes()[: images[0].stat().st_size // 2])
     labels = root / "image_class_labels.txt"
     labels.write_text("".join(labels.read_text().splitlines(keepends=True)[1:]))
     assert main(["data-check", "--dataset", "cub", "--root", str(root)]) == 1
@@ -32,7 +33,7 @@ def test_make_synthetic_then_data_check(tmp_path: Path, capsys: pytest.CaptureFi
     assert len(problems) == 2
     assert "images.txt:1: image id '1' has no line in image_class_labels.txt" in problems[0]
     assert problems[1].startswith(f"cannot decode image '{images[0]}'")
-    # Without decoding, only the label problem remains.
+    # Without decoding (headers are still read), only the label problem remains.
     assert main(["data-check", "--dataset", "cub", "--root", str(root), "--no-images"]) == 1
     assert len(json.loads(capsys.readouterr().out)["problems"]) == 1
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_layouts import BOX, CUB_CLASSES, HEIGHT, KEYPOINTS, PARTS, PER_CLASS, image_colour
+from data_layouts import BOX, CUB_CLASSES, HEIGHT, KEYPOINTS, PARTS, PER_CLASS, image_colour, write_huge_png
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from ivpt.config import Config
 from ivpt.data import build_dataset, check_dataset, load_annotations
@@ -126,6 +128,7 @@ def test_clean_copy_has_no_problems(cub_root: Path) -> None:
         "classes": 3,
         "parts": list(PARTS),
         "problems": [],
+        "warnings": [],
     }
 
 
@@ -245,3 +248,81 @@ def test_unannotated_keypoint_rows_are_invisible(cub_root: Path, make_cfg: Calla
     notes = load_annotations(make_cfg("cub", cub_root).data)
     assert np.all(notes.keypoints[6] == 0) and notes.keypoints[5, 0].tolist() == [10.0, 8.0, 1.0]
     assert notes.is_train.tolist() == [k < 2 for _ in range(3) for k in range(PER_CLASS)]
+
+
+def test_check_reports_geometry_that_evaluation_would_reject(cub_root: Path, make_cfg: Callable[..., Config]) -> None:
+    images = cub_root / "images" / "001.Alpha_bird"
+    _replace_line(cub_root / "bounding_boxes.txt", 1, "1 40.0 30.0 20.0 10.0")  # to x 59, y 39 in a 48 x 36 image
+    _replace_line(cub_root / "bounding_boxes.txt", 4, "4 0.0 0.0 48.0 36.0")  # the whole image: fine
+    _replace_line(cub_root / "parts" / "part_locs.txt", 5, "2 2 50.0 20.0 1")  # image 2's left eye, right of it
+    mask = cub_root / "segmentations" / "001.Alpha_bird" / "img_2.png"  # image 3's mask, half size
+    Image.new("L", (24, 18)).save(mask)
+    report = check_dataset("cub", cub_root)
+    assert report["problems"] == [
+        f"segmentation mask '{mask}' is 24x18 but its image '{images / 'img_2.jpg'}' is 48x36",
+        f"bounding box of image '{images / 'img_0.jpg'}' (x 40, y 30, width 20, height 10) reaches outside the "
+        "48x36 image",
+    ]
+    assert report["warnings"] == [
+        f"keypoint 'left eye' of image '{images / 'img_1.jpg'}' at (50, 20) lies outside the 48x36 image"
+    ]
+    # Header sizes are enough: the same without decoding.
+    assert check_dataset("cub", cub_root, verify_images=False)["problems"] == report["problems"]
+    # What data-check reports is what evaluation stops at (image 3 is the first test image).
+    with pytest.raises(DataError, match=re.escape(report["problems"][0])):
+        build_dataset(make_cfg("cub", cub_root), "test", with_masks=True)[0]
+
+
+def test_decompression_bombs_are_named_in_data_check_and_when_loaded(
+    cub_root: Path, make_cfg: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bomb = cub_root / "images" / "001.Alpha_bird" / "img_2.jpg"  # the first test image
+    write_huge_png(bomb, 20000, 10000)
+    large = cub_root / "images" / "002.Beta_bird" / "img_2.jpg"
+    write_huge_png(large, 10000, 10000)
+    limit = Image.MAX_IMAGE_PIXELS
+    assert limit is not None and limit < 100_000_000 < 2 * limit < 200_000_000  # PIL's default, 89478485
+    bomb_message = (
+        f"image '{bomb}' is too large to decode safely (Image size (200000000 pixels) exceeds limit of {2 * limit} "
+        "pixels, could be decompression bomb DOS attack); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if the "
+        "file is trusted"
+    )
+    report = check_dataset("cub", cub_root)
+    assert bomb_message in report["problems"]
+    assert report["warnings"] == [
+        f"image '{large}' is 10000x10000 = 100000000 pixels, more than PIL's decompression-bomb limit of {limit} "
+        "(PIL.Image.MAX_IMAGE_PIXELS); decoding it takes 0.3 GiB"
+    ]
+    test = build_dataset(make_cfg("cub", cub_root), "test")
+    with pytest.raises(DataError) as info:
+        test[0]
+    assert str(info.value) == bomb_message
+    # Loading warns with the file's name too (a lower limit spares decoding 10^8 pixels here).
+    from ivpt.data.images import LargeImageWarning
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.warns(LargeImageWarning, match=r"image '.*001\.Alpha_bird/img_3\.jpg' is 48x36 = 1728 pixels"):
+        test[1]
+
+
+@pytest.mark.parametrize("dataset", ["cub", "folder"])
+def test_a_file_as_root_is_named_as_such(dataset: str, tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    message = f"data set folder '{afile}' is a file, expected a folder"
+    assert check_dataset(dataset, afile)["problems"] == [message]
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_annotations(make_cfg(dataset, afile).data)
+
+
+def test_a_bad_image_in_a_worker_process_gives_the_one_line_error(
+    cub_root: Path, make_cfg: Callable[..., Config]
+) -> None:
+    (cub_root / "images" / "001.Alpha_bird" / "img_2.jpg").write_bytes(b"GIF89a broken")
+    test = build_dataset(make_cfg("cub", cub_root), "test")
+    with pytest.raises(DataError) as direct:
+        test[0]
+    with pytest.raises(DataError) as from_worker:
+        next(iter(DataLoader(test, batch_size=2, num_workers=1)))
+    assert str(from_worker.value) == str(direct.value)
+    assert str(direct.value).startswith("cannot decode image '") and "\n" not in str(direct.value)

@@ -37,3 +37,20 @@ def test_bad_fraction_and_split_names() -> None:
         validation_indices(LABELS, np.flatnonzero(IS_TRAIN), 1.0, 0)
     with pytest.raises(DataError, match="split 'val' is empty"):
         split_indices(LABELS, IS_TRAIN, "val", 0.0, 0)
+
+
+def test_an_empty_validation_split_blames_small_classes_not_the_fraction() -> None:
+    # Two classes of 2 training images and one of 1: 0.1 x 2 rounds to none, and a lone image stays for training.
+    labels, is_train = np.array([0, 0, 1, 1, 2]), np.ones(5, dtype=bool)
+    with pytest.raises(DataError) as info:
+        split_indices(labels, is_train, "val", 0.1, 0)
+    # 0.1 x n first rounds to 1 at n = 5.
+    assert str(info.value) == (
+        "split 'val' is empty: the classes are too small for data.val_fraction=0.1 (the largest has 2 training "
+        "images; a class needs 5 to give one validation image and keep one for training); raise "
+        "data.val_fraction to at least 0.5 / 2, or set data.val_fraction=0 to train without a validation split"
+    )
+    # The remedy works: 0.5 / 2 holds out one image of each two-image class.
+    assert split_indices(labels, is_train, "val", 0.5 / 2, 0).size == 2
+    with pytest.raises(DataError, match=r"the largest has 1 training image; .* set data.val_fraction=0 to train"):
+        split_indices(np.array([0, 1, 2]), np.ones(3, dtype=bool), "val", 0.4, 0)

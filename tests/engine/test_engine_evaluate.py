@@ -265,6 +265,37 @@ def test_cli_eval_writes_the_requested_metrics(checkpoint: Path, tmp_path: Path,
     assert str(out / "metrics.json") in capsys.readouterr().out
 
 
+def test_an_unusable_out_fails_before_any_metric(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    passes: list[str] = []
+    monkeypatch.setattr("ivpt.engine.evaluate._Evaluation.run", lambda self: passes.append("run"))
+    (tmp_path / "afile").write_text("hi")
+    out = tmp_path / "afile" / "sub"
+    code = main(["eval", "--checkpoint", str(checkpoint), "--out", str(out)])
+    assert code == 2 and passes == []
+    assert capsys.readouterr().err == (
+        f"ivpt eval: error: output folder '{out}': '{tmp_path / 'afile'}' is a file, expected a folder\n"
+    )
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_failed_metrics_json_write_keeps_the_table_and_names_the_file(
+    checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "metrics.json").symlink_to("/dev/full")  # writes fail with ENOSPC, as on a full disk
+    code = main(["eval", "--checkpoint", str(checkpoint), "--metrics", "accuracy", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "accuracy" in captured.out  # the table came first
+    assert captured.err == (
+        f"ivpt eval: error: '{out / 'metrics.json'}': no space left on device (expected free space on its file "
+        "system)\n"
+    )
+
+
 class _Terminal:
     """A text stream that says it is a terminal, as tqdm asks."""
 

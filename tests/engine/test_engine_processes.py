@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from ivpt.checkpoint import read_checkpoint
+from ivpt.config import load_config
 from ivpt.engine.evaluate import HEADLINE_KEYS, STAGE_KEYS, evaluate_checkpoint
 from ivpt.engine.logger import read_log
+from ivpt.engine.trainer import train
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +70,41 @@ def test_run_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(tiny_over
     a = read_checkpoint(tmp_path / "straight" / "last.pt")["model"]
     b = read_checkpoint(last)["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_ctrl_c_saves_last_pt_and_the_run_resumes_exactly(tiny_overrides, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    overrides = tiny_overrides("train.epochs=40", f"train.out_dir={out}")
+    command = [sys.executable, "-m", "ivpt.cli", "train", *overrides]
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(r["event"] == "train" and r["step"] >= 2 for r in _records(out / "log.jsonl")):
+        assert process.poll() is None and time.monotonic() < deadline, "training ended or stalled before step 2"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    stopped_at = read_checkpoint(out / "last.pt", training=True)["step"]
+    assert 2 <= stopped_at < 40 * STEPS_PER_EPOCH
+    assert stderr.splitlines()[-1] == (
+        f"ivpt train: interrupted: saved {out / 'last.pt'} at step {stopped_at}; the same command resumes from it"
+    )
+    assert [r["step"] for r in read_log(out / "log.jsonl") if r["event"] == "interrupt"] == [stopped_at]
+    assert not (out / ".ivpt.lock").exists()
+
+    # Resumed to a few steps further, the weights are those of a run never interrupted (both in this
+    # process, with one thread as the interrupted one had).
+    until = f"train.max_steps={stopped_at + 3}"
+    assert train(load_config(None, [*overrides, until]))["steps"] == stopped_at + 3
+    assert [r["step"] for r in read_log(out / "log.jsonl") if r["event"] == "train"] == list(range(1, stopped_at + 4))
+    train(load_config(None, tiny_overrides("train.epochs=40", f"train.out_dir={tmp_path / 'straight'}", until)))
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    b = read_checkpoint(out / "last.pt")["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _records(log: Path) -> list[dict]:
+    return read_log(log) if log.exists() else []
 
 
 def torchrun(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import yaml
 
 from ivpt.checkpoint import read_checkpoint
+from ivpt.cli import main
 from ivpt.engine.logger import read_log
 from ivpt.engine.trainer import train
 from ivpt.errors import CheckpointError, ConfigError
@@ -158,6 +160,24 @@ def test_user_errors(tiny_config, tmp_path: Path) -> None:
     changed = tiny_config("train.batch_size=4")
     with pytest.raises(CheckpointError, match="written with 3 optimizer steps per epoch, this run has 6"):
         train(changed, resume="auto")
+
+
+def test_a_bad_image_is_the_same_line_with_and_without_worker_processes(
+    synthetic_root: Path, tiny_overrides, tmp_path: Path, capsys
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    split = dict(line.split() for line in (root / "train_test_split.txt").read_text().splitlines())
+    images = [line.split() for line in (root / "images.txt").read_text().splitlines()]
+    bad = root / "images" / next(path for image_id, path in images if split[image_id] == "1")  # a training image
+    bad.write_bytes(bad.read_bytes()[:300])
+    errors = []
+    for workers in (0, 1):
+        code = main(["train", *tiny_overrides(f"data.root={root}", f"data.num_workers={workers}", "train.epochs=1")])
+        assert code == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1]
+    assert errors[0].startswith(f"ivpt train: error: cannot decode image '{bad}': ") and errors[0].count("\n") == 1
 
 
 def test_tensorboard_scalars_are_written(tiny_config) -> None:

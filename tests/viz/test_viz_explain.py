@@ -193,6 +193,13 @@ def test_cli_explain(make_checkpoint: Callable, tmp_path: Path, capsys: pytest.C
     assert (tmp_path / "o" / "photo.png").is_file() and (tmp_path / "o" / "photo.json").is_file()
     assert main(["explain", str(tmp_path / "nope.png"), "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
     assert "nope.png' does not exist" in capsys.readouterr().err
+    # An output folder under a file: one line naming both, nothing written.
+    (tmp_path / "afile").write_text("hi")
+    out = tmp_path / "afile" / "o"
+    assert main(["explain", str(image), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"ivpt explain: error: output folder '{out}': '{tmp_path / 'afile'}' is a file, expected a folder\n"
+    )
 
 
 def test_cli_explain_takes_overrides_in_eval_form(

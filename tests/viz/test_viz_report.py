@@ -290,6 +290,19 @@ def test_report_rejects_bad_top_k(make_checkpoint: Callable, tmp_path: Path) -> 
         build_report(make_checkpoint(log=False), out_dir=tmp_path, top_k=0)
 
 
+def test_cli_report_into_a_path_under_a_file_is_one_line(
+    make_checkpoint: Callable, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ivpt.cli import main
+
+    (tmp_path / "afile").write_text("hi")
+    out = tmp_path / "afile" / "report"
+    assert main(["report", "--checkpoint", str(make_checkpoint(log=False)), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"ivpt report: error: output folder '{out}': '{tmp_path / 'afile'}' is a file, expected a folder\n"
+    )
+
+
 @pytest.mark.slow
 def test_cli_report_reuses_eval_numbers_and_loads_in_chromium(
     make_checkpoint: Callable, tmp_path: Path, capsys: pytest.CaptureFixture[str]

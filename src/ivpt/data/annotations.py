@@ -40,11 +40,13 @@ class ProblemLog:
     Args:
         strict: raise at the first problem instead of collecting.
         limit: at most this many messages are kept; the rest are only counted.
+        kind: what the messages are, for the line counting those left out (``"problems"``, ``"warnings"``).
     """
 
-    def __init__(self, strict: bool, limit: int = 1000) -> None:
+    def __init__(self, strict: bool, limit: int = 1000, kind: str = "problems") -> None:
         self.strict = strict
         self.limit = limit
+        self.kind = kind
         self.count = 0
         self._messages: list[str] = []
 
@@ -59,7 +61,7 @@ class ProblemLog:
     def problems(self) -> list[str]:
         """The kept messages, plus a final line counting those left out."""
         hidden = self.count - len(self._messages)
-        return self._messages + ([f"... and {hidden} more problems"] if hidden else [])
+        return self._messages + ([f"... and {hidden} more {self.kind}"] if hidden else [])
 
     def __bool__(self) -> bool:
         return self.count > 0
@@ -99,6 +101,14 @@ class Annotations:
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+
+def is_data_folder(root: Path, log: ProblemLog) -> bool:
+    """Whether ``root`` is a folder; reports what it is otherwise."""
+    if root.is_dir():
+        return True
+    log.add(f"data set folder '{root}' " + ("is a file, expected a folder" if root.exists() else "does not exist"))
+    return False
 
 
 def check_classes_have_training_images(annotations: Annotations, log: ProblemLog) -> None:
@@ -303,8 +313,7 @@ def read_part_annotations(
         The annotations, or ``None`` when too much is missing to build them (only in collecting mode).
     """
     root = Path(root)
-    if not root.is_dir():
-        log.add(f"data set folder '{root}' does not exist")
+    if not is_data_folder(root, log):
         return None
     # Read every file first, so that a collecting log reports the parse problems of all of them.
     rows = {
@@ -364,6 +373,7 @@ __all__ = [
     "Annotations",
     "ProblemLog",
     "check_classes_have_training_images",
+    "is_data_folder",
     "read_part_annotations",
     "read_table",
 ]

@@ -10,7 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ivpt.data.annotations import Annotations
-from ivpt.data.images import open_image
+from ivpt.data.images import open_image, size_mismatch
 from ivpt.data.transforms import SampleTransform
 from ivpt.errors import DataError
 
@@ -97,10 +97,7 @@ class PartImageDataset(Dataset):
             mask_path = notes.mask_paths[source]  # type: ignore[index]  # presence checked in __init__
             mask = open_image(mask_path, "L", "segmentation mask")
             if mask.size != image.size:
-                raise DataError(
-                    f"segmentation mask '{mask_path}' is {mask.width}x{mask.height} but its image "
-                    f"'{notes.image_paths[source]}' is {image.width}x{image.height}"
-                )
+                raise DataError(size_mismatch(mask_path, mask.size, notes.image_paths[source], image.size))
         sample: dict[str, Any] = self.transform(
             image, notes.keypoints[source], box, mask, crop_box=box if self.bbox_crop else None
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ivpt.data.annotations import Annotations, ProblemLog, check_classes_have_training_images
+from ivpt.data.annotations import Annotations, ProblemLog, check_classes_have_training_images, is_data_folder
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 
@@ -52,8 +52,7 @@ def read_folder_annotations(
         Annotations with ``P = 0`` keypoints and no boxes, or ``None`` when ``root`` is unusable.
     """
     root = Path(root)
-    if not root.is_dir():
-        log.add(f"data set folder '{root}' does not exist")
+    if not is_data_folder(root, log):
         return None
     train_dir, test_dir = root / "train", root / "test"
     split_layout = train_dir.is_dir() or test_dir.is_dir()

@@ -13,11 +13,19 @@ Model selection happens on ``"val"``, never on ``"test"`` (the official code sel
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ivpt.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "train_full")
+
+
+def held_out(fraction: float, count: int) -> int:
+    """Validation images taken from a class of ``count`` training images: ``round(fraction * count)``,
+    at most ``count - 1``."""
+    return min(int(fraction * count + 0.5), count - 1)
 
 
 def validation_indices(labels: np.ndarray, candidates: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -39,7 +47,7 @@ def validation_indices(labels: np.ndarray, candidates: np.ndarray, fraction: flo
     candidate_labels = labels[candidates]
     for label in np.unique(candidate_labels):
         members = candidates[candidate_labels == label]
-        count = min(int(fraction * len(members) + 0.5), len(members) - 1)
+        count = held_out(fraction, len(members))
         # Permute every class, even when it gives nothing, so one class's size never shifts another's draw.
         order = rng.permutation(len(members))
         chosen.append(members[order[:count]])
@@ -62,6 +70,23 @@ def split_indices(
     val = validation_indices(labels, train_full, val_fraction, val_seed)
     if split == "train":
         return np.setdiff1d(train_full, val)
+    if val.size == 0 and val_fraction > 0:
+        largest = int(np.bincount(labels[train_full]).max()) if train_full.size else 0
+        needed = max(2, math.ceil(0.5 / val_fraction))  # then corrected for float rounding
+        while held_out(val_fraction, needed) < 1:
+            needed += 1
+        while needed > 2 and held_out(val_fraction, needed - 1) >= 1:
+            needed -= 1
+        remedy = (
+            f"raise data.val_fraction to at least 0.5 / {largest}, or set data.val_fraction=0"
+            if largest >= 2
+            else "set data.val_fraction=0"
+        )
+        raise DataError(
+            f"split 'val' is empty: the classes are too small for data.val_fraction={val_fraction} (the largest "
+            f"has {largest} training image{'s' if largest != 1 else ''}; a class needs {needed} to give one "
+            f"validation image and keep one for training); {remedy} to train without a validation split"
+        )
     if val.size == 0:
         raise DataError(
             f"split 'val' is empty (data.val_fraction={val_fraction}); set data.val_fraction > 0, "
@@ -70,4 +95,4 @@ def split_indices(
     return val
 
 
-__all__ = ["SPLITS", "split_indices", "validation_indices"]
+__all__ = ["SPLITS", "held_out", "split_indices", "validation_indices"]

@@ -92,6 +92,7 @@ from ivpt.data.synthetic import SyntheticArrays, render_synthetic
 from ivpt.demo.recipe import TOKEN_STRIDES, PretrainRecipe
 from ivpt.errors import IVPTError
 from ivpt.model.demo_vit import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS
+from ivpt.outputs import prepare_output_dir
 
 LABEL_SMOOTHING = 0.1
 FOREGROUND_WEIGHT = 3.0
@@ -811,6 +812,7 @@ def pretrain_backbone(
         )
     if "token_stride" in (arch_args or {}):
         raise IVPTError("pretrain-backbone: set the token stride in the recipe (--token-stride), not in arch_args")
+    prepare_output_dir(out.parent)  # before the minutes of training
     target_device = resolve_device(device, setting="pretrain-backbone --device")
     started = time.perf_counter()
     if progress:

@@ -8,7 +8,9 @@
   :func:`~ivpt.engine.evaluate.evaluate_checkpoint` (``ivpt eval``);
 - :mod:`ivpt.engine.report`: :func:`~ivpt.engine.report.build_report` (``ivpt report``);
 - :mod:`ivpt.engine.schedule`, :mod:`ivpt.engine.rng`, :mod:`ivpt.engine.distributed`,
-  :mod:`ivpt.engine.logger`: learning-rate schedules, random state, process groups, run logs.
+  :mod:`ivpt.engine.logger`: learning-rate schedules, random state, process groups, run logs;
+- :mod:`ivpt.engine.runlock`, :mod:`ivpt.engine.interrupt`: one run per folder, Ctrl-C saving
+  ``last.pt``.
 
 Checkpoint files are read and written by :mod:`ivpt.checkpoint`, and models rebuilt from them by
 :mod:`ivpt.model.pretrained`, both below the engine. Nothing is imported here, so that loading one part

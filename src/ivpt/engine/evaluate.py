@@ -42,6 +42,7 @@ from ivpt.engine.distributed import DistributedContext
 from ivpt.engine.rng import sample_seed
 from ivpt.engine.step import autocast_context
 from ivpt.errors import ConfigError, DataError
+from ivpt.outputs import prepare_output_dir, write_text
 
 METRIC_NAMES = ("accuracy", "consistency", "stability", "part_discovery", "kpr", "fg_iou", "faithfulness")
 STAGE_KEYS = ("consistency", "stability", "nmi", "ari", "kpr", "fg_iou", "fg_missed")
@@ -481,6 +482,7 @@ def evaluate_checkpoint(
 
     Raises:
         DataError: the data set's classes do not match the checkpoint's.
+        IVPTError: the output folder cannot be created or written (checked before any metric).
     """
     from ivpt.engine.distributed import init_distributed, shutdown_distributed
     from ivpt.model.pretrained import checkpoint_home, load_checkpoint
@@ -490,6 +492,9 @@ def evaluate_checkpoint(
         raise ConfigError(f"eval: '{checkpoint}' has no folder of its own for metrics.json; give --out DIR")
     resolved_metrics = None if metrics is None else [m for m in metrics if m.strip()]
     model, cfg, info = load_checkpoint(checkpoint, overrides, device="cpu")
+    # Before any metric: an unusable folder must not cost the evaluation (every rank checks, so that
+    # all of them stop together).
+    target = prepare_output_dir(out_dir if out_dir is not None else home)
     ctx = init_distributed(cfg.train.device)
     try:
         model.to(ctx.device)
@@ -506,10 +511,8 @@ def evaluate_checkpoint(
         )
         results["checkpoint"] = str(checkpoint)
         if ctx.is_main:
-            target = Path(out_dir) if out_dir is not None else home
-            target.mkdir(parents=True, exist_ok=True)
-            (target / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-            print(format_table(results))
+            print(format_table(results))  # first: a failing write must not lose the table
+            write_text(target / "metrics.json", json.dumps(results, indent=2) + "\n")
             print(f"wrote {target / 'metrics.json'}")
     finally:
         shutdown_distributed(ctx)

@@ -1,7 +1,7 @@
 """The run's records: ``log.jsonl`` (one JSON object per line) and optional TensorBoard scalars.
 
 Only rank 0 writes; on other ranks a :class:`RunLogger` is inert. Every record carries an ``event``
-(``"start"``, ``"train"``, ``"val"``, ``"note"``, ``"checkpoint"``, ``"test"``, ``"end"``) and the
+(``"start"``, ``"train"``, ``"val"``, ``"note"``, ``"checkpoint"``, ``"interrupt"``, ``"test"``, ``"end"``) and the
 global optimizer ``step``; nested dicts (loss terms, learning rates) become ``a/b`` TensorBoard tags.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ivpt.errors import ConfigError
+from ivpt.outputs import naming, write_text
 
 
 class RunLogger:
@@ -54,14 +55,14 @@ class RunLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [] if step is None else [r for r in read_log(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
         """Write one record ``{"event", "step", "time", **fields}``; returns it."""
         record = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
         if not self.enabled:
             return record
-        with self.path.open("a") as file:
+        with naming(self.path), self.path.open("a") as file:
             file.write(json.dumps(record, default=_plain) + "\n")
         if self._writer is not None:
             for tag, value in _scalars(fields):

@@ -22,6 +22,7 @@ from ivpt.engine.evaluate import HEADLINE_KEYS, STAGE_KEYS, BatchObserver, evalu
 from ivpt.engine.logger import read_log
 from ivpt.errors import IVPTError
 from ivpt.model.pretrained import WEIGHTS_FILE, checkpoint_home, load_checkpoint
+from ivpt.outputs import prepare_output_dir, write_text
 from ivpt.viz.concept_stats import ConceptStatistics, ConceptStatisticsMeter
 from ivpt.viz.explain import default_device
 from ivpt.viz.report import collect_statistics, write_report
@@ -69,8 +70,7 @@ def report_metrics(
         return results, f"read from {path} (written by ivpt eval for this checkpoint)"
     results = evaluate(model, cfg, metrics, device, split="test", observe=observe)
     results["checkpoint"] = str(checkpoint)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text(prepare_output_dir(out_dir) / "metrics.json", json.dumps(results, indent=2) + "\n")
     return results, "computed now by ivpt.engine.evaluate (the function behind ivpt eval); also in metrics.json"
 
 
@@ -122,7 +122,8 @@ def build_report(
     device = device or default_device()
     model, cfg, info = load_checkpoint(checkpoint, overrides, device)
     class_names: list[str] = list(info["class_names"])
-    out = Path(out_dir)
+    # Before the metrics' pass: an unusable folder must not cost it.
+    out = prepare_output_dir(out_dir)
 
     dataset = build_dataset(cfg, "test", train_transform=False)
     if len(dataset.class_names) != len(class_names):

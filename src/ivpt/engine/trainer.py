@@ -11,13 +11,20 @@ schedule, gradient scaler, every random stream of every rank, and the position i
 (``epoch``, ``epoch_step``). The data order is a pure function of ``(train.seed, epoch)`` and each
 sample's augmentation of ``(train.seed, epoch, index)`` (:mod:`ivpt.engine.rng`), so a resumed epoch
 skips the batches already done and continues with the very batches the uninterrupted run would have
-seen. A killed run loses at most the steps since its last checkpoint.
+seen. A killed run loses at most the steps since its last checkpoint; an interrupted one (Ctrl-C,
+SIGINT) loses nothing: it saves ``last.pt`` after the optimizer step in progress and exits
+(:mod:`ivpt.engine.interrupt`).
+
+One run per folder: ``train.out_dir`` is created, checked and locked before anything slow starts
+(:mod:`ivpt.engine.runlock`); a second run on the same folder fails at once.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,7 @@ from ivpt.engine.distributed import (
     shutdown_distributed,
 )
 from ivpt.engine.evaluate import ACCURACY_KEYS, evaluate
+from ivpt.engine.interrupt import DeferredInterrupt, TrainingInterrupted
 from ivpt.engine.logger import RunLogger
 from ivpt.engine.rng import (
     EpochSampler,
@@ -55,6 +63,7 @@ from ivpt.engine.rng import (
     seed_everything,
     worker_init_fn,
 )
+from ivpt.engine.runlock import lock_run_folder
 from ivpt.engine.step import TrainStep, build_train_step
 from ivpt.errors import CheckpointError, ConfigError
 from ivpt.model.preprocessing import resolve_preprocessing
@@ -98,7 +107,13 @@ def train(cfg: Config, resume: str | None = "auto") -> dict[str, Any] | None:
     cfg = resolve_preprocessing(cfg)
     ctx = init_distributed(cfg.train.device)
     try:
-        summary = Trainer(cfg, ctx).run(resume)
+        # Before anything slow: an unusable folder, or one another run is writing, fails at once.
+        lock = lock_run_folder(cfg.train.out_dir, ctx)
+        try:
+            notes = [lock.stale_message] if lock.stale_message is not None else []
+            summary = Trainer(cfg, ctx).run(resume, notes)
+        finally:
+            lock.release()
     finally:
         shutdown_distributed(ctx)
     return summary if ctx.is_main else None
@@ -170,10 +185,12 @@ class Trainer:
         self.progress = Progress()
         self.logger = RunLogger(self.out_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard)
         self._last_losses: dict[str, float] = {}
+        self._interrupt: DeferredInterrupt | None = None
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def run(self, resume: str | None) -> dict[str, Any]:
+    def run(self, resume: str | None, notes: Sequence[str] = ()) -> dict[str, Any]:
+        """Train (resuming as :func:`train` says); ``notes`` are logged as ``note`` records at the start."""
         cfg, ctx = self.cfg, self.ctx
         resumed_from = self._resume(resume)
         self.logger.rewind(self.progress.step if resumed_from else None)
@@ -199,14 +216,18 @@ class Trainer:
             val_images=len(self.val_set) if self.val_set is not None else 0,
             trainable_parameters=sum(p.numel() for p in self.step.trainable),
         )
+        for message in notes:
+            self.logger.log("note", self.progress.step, message=message)
         if self.val_set is None:
             self._note(
                 "data.val_fraction is 0: no validation split, so best.pt is the last checkpoint "
                 "(the test split is never used to choose a checkpoint)"
             )
         try:
-            while self.progress.epoch < cfg.train.epochs and not self._reached_max_steps():
-                self._train_epoch()
+            with DeferredInterrupt(self._announce_interrupt) as self._interrupt:
+                while self.progress.epoch < cfg.train.epochs and not self._reached_max_steps():
+                    self._train_epoch()
+            # The test pass after training loses nothing when interrupted: an interrupt stops it at once.
             summary = self._finish()
         finally:
             self.logger.close()
@@ -244,8 +265,22 @@ class Trainer:
             if self._reached_max_steps():
                 break
             every = cfg.train.save_every_steps
-            if every > 0 and progress.step % every == 0 and progress.epoch_step < self.steps_per_epoch:
+            if progress.epoch_step == self.steps_per_epoch:
+                continue  # the end of the epoch validates and saves, then looks for an interrupt
+            saved = every > 0 and progress.step % every == 0
+            if saved:
                 self._save(is_best=False)
+            # Between optimizer steps weights, optimizer and random streams agree: a checkpoint here
+            # resumes exactly. Several processes agree on stopping at log steps (a collective).
+            if (not self.ctx.is_distributed or progress.step % max(1, cfg.train.log_every_steps) == 0) and (
+                self._interrupt_agreed()
+            ):
+                bar.close()
+                if window.micro_batches:
+                    self._log_train(window, bar)
+                if not saved:
+                    self._save(is_best=False)
+                self._stop_interrupted()
         bar.close()
         if window.micro_batches:
             self._log_train(window, bar)
@@ -260,6 +295,33 @@ class Trainer:
         else:
             is_best = self.val_set is None
         self._save(is_best=is_best or not self.best_path.exists())
+        if self._interrupt_agreed():
+            self._stop_interrupted()
+
+    def _announce_interrupt(self) -> None:
+        if self.ctx.is_main:
+            when = "after this step" if not self.ctx.is_distributed else "at the next log step"
+            tqdm.write(
+                f"ivpt train: interrupt: saving {self.last_path} {when}, then stopping "
+                "(interrupt again to stop at once, without saving)",
+                file=sys.stderr,
+            )
+
+    def _interrupt_agreed(self) -> bool:
+        """Whether any process got an interrupt; a collective under ``torchrun`` (all ranks call it)."""
+        requested = self._interrupt is not None and self._interrupt.requested
+        if not self.ctx.is_distributed:
+            return requested
+        flag = torch.tensor([float(requested)], device=self.ctx.device)
+        return all_reduce_sum(flag, self.ctx).item() > 0
+
+    def _stop_interrupted(self) -> None:
+        """Log the stop and raise :class:`TrainingInterrupted`; ``last.pt`` holds this very step."""
+        step = self.progress.step
+        self.logger.log("interrupt", step, epoch=self.progress.epoch, checkpoint=str(self.last_path))
+        if not self.ctx.is_main:
+            raise TrainingInterrupted()  # rank 0 alone says where it saved
+        raise TrainingInterrupted(f"saved {self.last_path} at step {step}; the same command resumes from it")
 
     def _log_train(self, window: _LossWindow, bar: tqdm) -> None:
         """Reduce the window's sums over ranks (the only host sync of the loop), log, reset it."""

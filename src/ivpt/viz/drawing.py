@@ -16,6 +16,7 @@ from matplotlib.patches import Patch, PathPatch
 from matplotlib.path import Path as CurvePath
 from PIL import Image
 
+from ivpt.outputs import naming
 from ivpt.viz.maps import FlowEdge, overlay_maps
 from ivpt.viz.palette import to_hex
 
@@ -41,9 +42,10 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write ``figure`` as PNG at its own size (no tight cropping, so the pixel size is predictable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(
-        path, format="png", dpi=figure.dpi, facecolor="white", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL}
-    )
+    with naming(path):
+        figure.savefig(
+            path, format="png", dpi=figure.dpi, facecolor="white", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL}
+        )
     return path
 
 
@@ -51,7 +53,8 @@ def save_image(image: np.ndarray, path: str | Path) -> Path:
     """Write an ``(H, W, 3)`` uint8 image as PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="png", compress_level=PNG_COMPRESS_LEVEL)
+    with naming(path):
+        Image.fromarray(image).save(path, format="png", compress_level=PNG_COMPRESS_LEVEL)
     return path
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ivpt.config import Config
 from ivpt.errors import IVPTError
 from ivpt.model.preprocessing import Preprocessing, preprocessing_of
+from ivpt.outputs import prepare_output_dir, write_text
 from ivpt.viz.drawing import draw_hierarchy, draw_image, draw_overlay, draw_part_bars, save_figure
 from ivpt.viz.maps import denormalize_image, grouping_flow, part_contributions, region_areas
 from ivpt.viz.palette import concept_palette
@@ -324,15 +325,14 @@ def explain_files(
         load_image(path)
     device = device or default_device()
     model, cfg, info = load_checkpoint(checkpoint, overrides, device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir)
     written = []
     for path, stem in zip(paths, _output_stems(paths), strict=True):
         result = explain(model, load_image(path), cfg=cfg, class_names=info["class_names"], device=device)
         figure = explanation_figure(result, title=path.name)
         written.append(save_figure(figure, out / f"{stem}.png"))
         record = {"image": str(path), "checkpoint": str(checkpoint), **explanation_record(result)}
-        (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_text(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
     return written
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ivpt.config import Config
 from ivpt.model.preprocessing import preprocessing_of
+from ivpt.outputs import prepare_output_dir, write_text
 from ivpt.viz.concept_stats import ConceptStatistics, ConceptStatisticsMeter, crop_box
 from ivpt.viz.drawing import concept_label, draw_hierarchy, save_figure, save_image
 from ivpt.viz.maps import denormalize_image, grouping_flow
@@ -387,9 +388,8 @@ def write_report(
     Returns:
         The path of ``index.html``.
     """
-    out = Path(out_dir)
-    images_dir = out / "img"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir)
+    images_dir = prepare_output_dir(out / "img")
     sections: list[str] = []
     sections.append("<h2>Metrics</h2>" + _metrics_html(results, source, *metric_keys))
 
@@ -452,7 +452,7 @@ def write_report(
         f"<h1>ivpt report</h1>\n<p class='meta'>{meta}</p>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
     )
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_text(index, page)
     return index
 
 
