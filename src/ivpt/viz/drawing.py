@@ -106,17 +106,21 @@ def draw_overlay(
     )
 
 
-def draw_part_bars(ax: Axes, contributions: np.ndarray, palette: np.ndarray, title: str) -> None:
+def draw_part_bars(
+    ax: Axes, contributions: np.ndarray, palette: np.ndarray, title: str, disabled: Sequence[int] = ()
+) -> None:
     """Horizontal bars: each final part's share of a class logit (shares add up to the logit).
 
     Args:
         contributions: ``(N,)`` part shares.
         palette: final-stage colours ``(N + 1, 3)``.
+        disabled: parts switched off by an intervention (labelled "off").
     """
     num_parts = len(contributions)
     rows = np.arange(num_parts)
     ax.barh(rows, contributions, color=[to_hex(palette[n]) for n in range(num_parts)], edgecolor="black", lw=0.5)
-    ax.set_yticks(rows, [f"part {n}" for n in range(num_parts)], fontsize=8)
+    labels = [f"part {n} (off)" if n in disabled else f"part {n}" for n in range(num_parts)]
+    ax.set_yticks(rows, labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", lw=0.8)
     for row, value in zip(rows, contributions, strict=True):
