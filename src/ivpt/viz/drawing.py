@@ -114,18 +114,17 @@ def draw_part_bars(
     Args:
         contributions: ``(N,)`` part shares.
         palette: final-stage colours ``(N + 1, 3)``.
-        disabled: parts switched off by an intervention (labelled "off").
+        disabled: parts switched off by an intervention (their bar is labelled so instead of 0).
     """
     num_parts = len(contributions)
     rows = np.arange(num_parts)
     ax.barh(rows, contributions, color=[to_hex(palette[n]) for n in range(num_parts)], edgecolor="black", lw=0.5)
-    labels = [f"part {n} (off)" if n in disabled else f"part {n}" for n in range(num_parts)]
-    ax.set_yticks(rows, labels, fontsize=8)
+    ax.set_yticks(rows, [f"part {n}" for n in range(num_parts)], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", lw=0.8)
     for row, value in zip(rows, contributions, strict=True):
         ax.annotate(
-            f"{value:+.2f}",
+            "switched off" if row in disabled else f"{value:+.2f}",
             (value, row),
             xytext=(3 if value >= 0 else -3, 0),
             textcoords="offset points",

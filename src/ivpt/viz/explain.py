@@ -244,9 +244,9 @@ def explanation_figure(result: dict[str, Any], title: str = "") -> Figure:
     predicted = result["predicted"]
     heading = f"predicted: {predicted['name']} (p = {predicted['probability']:.2f}, logit = {predicted['logit']:.2f})"
     intervention = result.get("intervention")
-    if intervention is not None:
+    if intervention is not None and intervention["disabled"]:
         plain = intervention["before"]["predicted"]
-        switched_off = ", ".join(f"{key} {values}" for key, values in intervention["disabled"].items()) or "nothing"
+        switched_off = ", ".join(f"{key} {values}" for key, values in intervention["disabled"].items())
         heading += f"  with {switched_off} switched off; before: {plain['name']} (p = {plain['probability']:.2f})"
     figure.suptitle(f"{title}\n{heading}" if title else heading, fontsize=11)
     maps: list[np.ndarray] = result["concept_maps"]
