@@ -62,9 +62,9 @@ def format_probability(probability: float) -> str:
 
 def _class_line(entry: dict[str, Any], element: str) -> str:
     return (
-        f"<b><span id='ivpt-{element}-class'>{html.escape(entry['name'])}</span></b> "
-        f"(p = <span id='ivpt-{element}-probability'>{format_probability(entry['probability'])}</span>, "
-        f"logit {entry['logit']:.3f})"
+        f"<b><span id='ivpt-{element}-class'>{html.escape(entry['name'])}</span></b><br>"
+        f"p = <span id='ivpt-{element}-probability'>{format_probability(entry['probability'])}</span>, "
+        f"logit {entry['logit']:.3f}"
     )
 
 
@@ -84,8 +84,8 @@ def prediction_html(result: dict[str, Any]) -> str:
         lines.append(f"<p>Switched off: <span id='ivpt-disabled'>{html.escape(switched)}</span></p>")
         lines.append(f"<p>Before: {_class_line(before, 'before')}</p>")
         lines.append(
-            f"<p>'{html.escape(original['name'])}' now has p = <span id='ivpt-original-probability'>"
-            f"{format_probability(original['probability'])}</span> (logit {original['logit']:.3f})</p>"
+            f"<p>'{html.escape(original['name'])}' now has<br>p = <span id='ivpt-original-probability'>"
+            f"{format_probability(original['probability'])}</span>, logit {original['logit']:.3f}</p>"
         )
     else:
         lines.append("<p>Switched off: <span id='ivpt-disabled'>nothing</span></p>")
