@@ -3,7 +3,7 @@
     python scripts/app_screenshot.py runs/demo/ivpt/best.pt docs/app_screenshot.png [--position 0]
 
 Serves the app on a free local port, opens it in headless Chromium (Debian's /usr/bin/chromium and
-/usr/bin/chromedriver, as the browser test), uploads the test image at ``--position``, ticks the part
+/usr/bin/chromedriver, set up as in the browser test), uploads the test image at ``--position``, ticks the part
 with the largest share, waits for the page to redraw and saves a PNG of the top of the page, scaled to
 ``--width`` pixels. Needs ``pip install '.[test]'``.
 """
@@ -11,17 +11,19 @@ with the largest share, waits for the page to redraw and saves a PNG of the top 
 from __future__ import annotations
 
 import argparse
-import socket
+import sys
 import tempfile
 from pathlib import Path
 
 from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from ivpt.app import ExplorerSession, launch_app, load_model
+
+# The browser test's own Chromium set-up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "viz"))
+from test_viz_app import chromium_driver, free_port  # noqa: E402
 
 
 def main() -> None:
@@ -30,33 +32,16 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--position", type=int, default=0, help="test image to show (default 0)")
     parser.add_argument("--width", type=int, default=1100, help="width of the saved PNG (default 1100)")
-    parser.add_argument("--height", type=int, default=1250, help="page height captured, in browser pixels")
+    parser.add_argument("--height", type=int, default=1450, help="page height captured, in browser pixels")
     args = parser.parse_args()
 
     session = ExplorerSession(load_model(args.checkpoint, device="cpu"), progress=False)
     image_file = session.dataset.image_path(args.position)
     plain = session.explain(image_file)
     top_part = max(plain["parts"], key=lambda p: p["contribution"])["part"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    running = launch_app(session, port=port, block=False)
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    running = launch_app(session, port=free_port(), block=False)
     with tempfile.TemporaryDirectory() as profile:
-        for flag in (
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--no-first-run",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            f"--window-size=1400,{args.height}",
-        ):
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        driver = chromium_driver(profile, height=args.height)
         try:
             wait = WebDriverWait(driver, 60)
             driver.get(running.url)

@@ -115,20 +115,21 @@ def test_disabling_every_concept_of_a_stage_runs_its_block_without_prompts(make_
     torch.testing.assert_close(out.cls_feature, features[:, 0])
 
 
-def _fusion_inputs(num_concepts: int = 5, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, PooledRegions]:
-    generator = torch.Generator().manual_seed(seed)
-    maps = torch.rand(2, num_concepts + 1, 3, 3, generator=generator).softmax(dim=1)
-    features = torch.randn(2, num_concepts + 1, dim, generator=generator)
-    return maps, PooledRegions(features, torch.ones(2, num_concepts + 1))
-
-
-def test_a_disabled_concept_leaves_the_grouped_prompts():
+def _fusion_case(grouping: bool) -> tuple[PromptFusion, torch.Tensor, PooledRegions]:
+    """A fusion of 5 concepts into 3 targets (width 8) and its inputs: ``(B=2, 6, 3, 3)`` maps, regions."""
     torch.manual_seed(0)
-    fusion = PromptFusion(num_concepts=5, num_targets=3, embed_dim=8).eval()
+    fusion = PromptFusion(num_concepts=5, num_targets=3, embed_dim=8, grouping=grouping).eval()
     with torch.no_grad():  # non-trivial affine parameters, so that row selection would show
         fusion.prompt_norm.weight.normal_()
         fusion.prompt_norm.bias.normal_()
-    maps, regions = _fusion_inputs()
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 6, 3, 3, generator=generator).softmax(dim=1)
+    features = torch.randn(2, 6, 8, generator=generator)
+    return fusion, maps, PooledRegions(features, torch.ones(2, 6))
+
+
+def test_a_disabled_concept_leaves_the_grouped_prompts():
+    fusion, maps, regions = _fusion_case(grouping=True)
     disabled = torch.tensor([False, True, False, False, True])
     with torch.no_grad():
         out = fusion(maps, regions, disabled)
@@ -152,12 +153,7 @@ def test_a_disabled_concept_leaves_the_grouped_prompts():
 
 
 def test_without_grouping_a_disabled_concept_loses_its_prompt():
-    torch.manual_seed(0)
-    fusion = PromptFusion(num_concepts=5, num_targets=3, embed_dim=8, grouping=False).eval()
-    with torch.no_grad():
-        fusion.prompt_norm.weight.normal_()
-        fusion.prompt_norm.bias.normal_()
-    maps, regions = _fusion_inputs()
+    fusion, maps, regions = _fusion_case(grouping=False)
     disabled = torch.tensor([False, False, True, False, False])
     with torch.no_grad():
         out = fusion(maps, regions, disabled)

@@ -216,7 +216,8 @@ def _browser_missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -258,7 +259,9 @@ def _only_loopback(attempts: list[str]) -> Iterator[None]:
         socket.socket.connect, socket.getaddrinfo = connect, lookup  # type: ignore[method-assign]
 
 
-def _chromium(profile: str) -> Any:
+def chromium_driver(profile: str, height: int = 1600) -> Any:
+    """Selenium on Debian's headless Chromium, offline, with a fresh profile folder (also the screenshot
+    script's browser)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -273,7 +276,7 @@ def _chromium(profile: str) -> Any:
         "--no-first-run",
         "--disable-sync",
         f"--user-data-dir={profile}",
-        "--window-size=1400,1600",
+        f"--window-size=1400,{height}",
     ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -310,12 +313,12 @@ def test_app_in_chromium_shows_the_api_numbers_offline(
 
     attempts: list[str] = []
     with _only_loopback(attempts), tempfile.TemporaryDirectory() as profile:
-        running = launch_app(session, port=_free_port(), block=False)
+        running = launch_app(session, port=free_port(), block=False)
         driver = None
         try:
             assert running.url.startswith("http://127.0.0.1:")
             assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and running.page.analytics_enabled is False
-            driver = _chromium(profile)
+            driver = chromium_driver(profile)
             wait = WebDriverWait(driver, 30)
             driver.get(running.url)
             upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#ivpt-upload input[type=file]"))
