@@ -339,6 +339,11 @@ def test_app_in_chromium_shows_the_api_numbers_offline(
             assert shown_original == format_probability(after["original_class"]["probability"])
             assert driver.find_element(By.ID, f"ivpt-part-{top_part}").text == "off"
 
+            driver.find_element(By.ID, "ivpt-reset").click()  # back to the plain model
+            wait.until(lambda d: d.find_element(By.ID, "ivpt-disabled").text == "nothing")
+            assert driver.find_element(By.ID, "ivpt-now-probability").text == probability
+            assert not label.find_element(By.TAG_NAME, "input").is_selected()
+
             # everything the page loaded came from the app itself: no CDN, no web font service
             loaded_urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
             assert loaded_urls and all(url.startswith(running.url) for url in loaded_urls), loaded_urls

@@ -6,6 +6,7 @@ Nothing here imports gradio; :mod:`ivpt.app.ui` draws these results in the brows
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,7 +91,8 @@ class ExplorerSession:
         self.loaded = loaded
         self.top_k = top_k
         self.progress = progress
-        self.cfg = loaded.cfg
+        # The session's own copy: pointing it at another data folder leaves the loaded model's config alone.
+        self.cfg = copy.deepcopy(loaded.cfg)
         self.n_pro: tuple[int, ...] = tuple(getattr(loaded.model, "n_pro", ()))
         self.concept_names = concept_names(self.n_pro)
         self.palette = concept_palette(list(self.n_pro)) if self.n_pro else []

@@ -194,8 +194,8 @@ def build_app(session: ExplorerSession) -> gradio.Blocks:
     def render(current: dict[str, Any] | None, parts: list[int], *stages: list[int]) -> tuple[Any, ...]:
         if current is None:
             return gr.skip(), gr.skip(), gr.skip()
-        image = session.test_image(current["position"]) if current["kind"] == "test" else current["image"]
         try:
+            image = session.test_image(current["position"]) if current["kind"] == "test" else current["image"]
             result = session.explain(image, disable_request(parts, stages))
         except IVPTError as exc:
             raise gr.Error(str(exc)) from None
@@ -278,12 +278,14 @@ def build_app(session: ExplorerSession) -> gradio.Blocks:
 
         boxes = [part_box, *stage_boxes]
         shown = [prediction, shares, figure]
-        picker.input(pick_test, [picker, *boxes], [current, upload, *shown])
-        upload.upload(pick_upload, [upload, *boxes], [current, *shown])
+        # Every event uses the one model: one queue for all of them, one request at a time.
+        serial = {"concurrency_limit": 1, "concurrency_id": "model"}
+        picker.input(pick_test, [picker, *boxes], [current, upload, *shown], **serial)
+        upload.upload(pick_upload, [upload, *boxes], [current, *shown], **serial)
         for box in boxes:
-            box.input(render, [current, *boxes], shown)
-        reset_button.click(reset, [current], [*boxes, *shown])
-        concept.input(show_concept, [concept], [strip, facts])
+            box.input(render, [current, *boxes], shown, **serial)
+        reset_button.click(reset, [current], [*boxes, *shown], **serial)
+        concept.input(show_concept, [concept], [strip, facts], **serial)
     return page
 
 
