@@ -256,9 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_app,
         "Explore a trained model in the browser and switch its concepts off (needs pip install 'ivpt[app]').",
     )
-    p.add_argument(
-        "--checkpoint", required=True, metavar="CKPT_OR_DIR", help="checkpoint written by ivpt train"
-    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT_OR_DIR", help=CHECKPOINT_HELP)
     p.add_argument(
         "--data", default=None, metavar="ROOT", help="the data set's folder (default: the one in the model's config)"
     )

@@ -26,7 +26,8 @@ def run_app(
     """What ``ivpt app`` runs: load the model, open its test set, serve the page.
 
     Args:
-        checkpoint: a checkpoint file written by ``ivpt train`` (or an exported model folder).
+        checkpoint: a checkpoint file written by ``ivpt train``, a folder written by ``ivpt export``, or an
+            ``hf-hub:`` id.
         data: the data set's folder (default: the one in the model's config, when it exists).
         host, port: where to listen (127.0.0.1 by default: this machine only).
         device: ``"cuda"`` when available unless given.
