@@ -24,7 +24,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("losses", "metrics"),
     ("viz",),
     ("engine",),
-    ("demo", "bench"),
+    ("demo", "bench", "app"),
     ("cli",),
 )
 LEVEL_OF = {part: level for level, parts in enumerate(LEVELS) for part in parts}

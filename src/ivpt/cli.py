@@ -100,6 +100,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from ivpt.app import run_app
+
+    run_app(args.checkpoint, data=args.data, host=args.host, port=args.port, device=args.device, top_k=args.top_k)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ivpt.demo.jobs import default_jobs, start_workers
 
@@ -247,6 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", _cmd_export, "Write a checkpoint as a model folder (config.json + model.safetensors).")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by ivpt train")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (ivpt.from_pretrained reads it)")
+
+    p = add(
+        "app",
+        _cmd_app,
+        "Explore a trained model in the browser and switch its concepts off (needs pip install 'ivpt[app]').",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT_OR_DIR", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--data", default=None, metavar="ROOT", help="the data set's folder (default: the one in the model's config)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: reachable from this machine only)"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--top-k", type=int, default=6, help="typical crops per concept in the gallery (default 6)")
 
     p = add("demo", _cmd_demo, "Run the whole story offline on synthetic data (what `make demo` runs).")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")

@@ -33,6 +33,17 @@ def _photo(width: int = 53, height: int = 41, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def _test_transform(photo: Image.Image, cfg: Config) -> torch.Tensor:
+    """The data module's test transform of a photo: ``(3, 32, 32)``."""
+    from ivpt.data.transforms import SampleTransform
+    from ivpt.model.preprocessing import preprocessing_of
+
+    prep = preprocessing_of(cfg)
+    whole = np.array([0, 0, photo.width - 1, photo.height - 1], np.float32)
+    transform = SampleTransform(32, "none", prep.mean, prep.std)
+    return transform(photo.convert("RGB"), np.zeros((0, 3), np.float32), whole)["image"]
+
+
 @pytest.fixture
 def tiny(tiny_config: Callable[..., Config]) -> Callable[..., tuple[torch.nn.Module, Config]]:
     """``tiny(*overrides)`` -> ``(model, cfg)``: an untrained tiny model with 5 classes."""
@@ -52,17 +63,12 @@ def test_explain_agrees_with_the_model(tiny: Callable, fusion_target: str) -> No
     names = [f"bird {i}" for i in range(5)]
     result = explain(model, _photo(), cfg=cfg, class_names=names)
 
-    # the same forward by hand, through the data module's test transform
-    from ivpt.data.transforms import SampleTransform
     from ivpt.model.preprocessing import preprocessing_of
 
     prep = preprocessing_of(cfg)
     assert (prep.mean, prep.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # vit_tiny_patch16_224's timm config
-    pixels = SampleTransform(32, "none", prep.mean, prep.std)(
-        _photo().convert("RGB"), np.zeros((0, 3), np.float32), np.array([0, 0, 52, 40], np.float32)
-    )["image"]
-    with torch.no_grad():
-        out = model(pixels[None])
+    with torch.no_grad():  # the same forward by hand, through the data module's test transform
+        out = model(_test_transform(_photo(), cfg)[None])
     predicted = int(out.logits[0].argmax())
     assert result["predicted"]["index"] == predicted
     assert result["predicted"]["name"] == f"bird {predicted}"
@@ -135,6 +141,76 @@ def test_figure_has_the_promised_pixel_size(tiny: Callable, tmp_path: Path, meth
     result = explain(model, _photo(), cfg=cfg)
     assert bool(result["parts"]) == (method == "ivpt")
     path = save_figure(explanation_figure(result, title="x.png"), tmp_path / "x.png")
+    with Image.open(path) as image:
+        assert image.size == EXPECTED_PIXELS
+
+
+def test_explain_with_disable_gives_the_prediction_before_and_after(tiny: Callable) -> None:
+    from ivpt.model import Intervention
+
+    model, cfg = tiny()
+    names = [f"bird {i}" for i in range(5)]
+    plain = explain(model, _photo(), cfg=cfg, class_names=names)
+    top_part = max(plain["parts"], key=lambda p: p["contribution"])["part"]
+    disable = {"parts": [top_part], "stage1": [4, 1]}
+    result = explain(model, _photo(), cfg=cfg, class_names=names, disable=disable)
+
+    intervention = result["intervention"]
+    assert intervention["disabled"] == {"parts": [top_part], "stage1": [1, 4]}
+    assert intervention["before"] == {"predicted": plain["predicted"], "top5": plain["top5"]}
+    # "after" is what the intervened forward computes, the main entries describe it
+    with torch.no_grad():
+        batch = _test_transform(_photo(), cfg)[None]
+        out = model(batch, intervention=Intervention.from_disable(disable, model.n_pro))
+    logits = out.logits[0]
+    after = intervention["after"]
+    assert after["predicted"] == result["predicted"] and after["top5"] == result["top5"]
+    assert result["predicted"]["index"] == int(logits.argmax())
+    assert result["predicted"]["logit"] == pytest.approx(float(logits.max()), abs=1e-5)
+    original = plain["predicted"]["index"]
+    assert after["original_class"]["index"] == original
+    assert after["original_class"]["probability"] == pytest.approx(float(logits.softmax(0)[original]), abs=1e-6)
+    # the disabled part adds nothing, the rest still add up to the (new) predicted logit
+    shares = {p["part"]: p for p in result["parts"]}
+    assert shares[top_part]["contribution"] == 0.0 and shares[top_part]["disabled"] is True
+    assert sum(p["contribution"] for p in result["parts"]) == pytest.approx(result["predicted"]["logit"], abs=1e-5)
+    assert [s["disabled"] for s in result["stages"]] == [[1, 4], [], [top_part]]
+    json.dumps(explanation_record(result))
+
+
+def test_explain_with_only_a_part_disabled_moves_its_class_by_its_share(tiny: Callable) -> None:
+    model, cfg = tiny()
+    plain = explain(model, _photo(), cfg=cfg)
+    top = max(plain["parts"], key=lambda p: p["contribution"])
+    result = explain(model, _photo(), cfg=cfg, disable={"parts": [top["part"]]})
+    original = result["intervention"]["after"]["original_class"]
+    assert original["logit"] == pytest.approx(plain["predicted"]["logit"] - top["contribution"], abs=1e-5)
+
+
+def test_explain_with_nothing_disabled_changes_nothing(tiny: Callable) -> None:
+    model, cfg = tiny()
+    plain = explain(model, _photo(), cfg=cfg)
+    result = explain(model, _photo(), cfg=cfg, disable={})
+    intervention = result["intervention"]
+    assert intervention["disabled"] == {}
+    assert intervention["before"]["top5"] == intervention["after"]["top5"] == plain["top5"]
+    assert [p["contribution"] for p in result["parts"]] == [p["contribution"] for p in plain["parts"]]
+    assert "intervention" not in plain and "disabled" not in plain["parts"][0]
+
+
+def test_explain_rejects_a_disable_the_model_lacks(tiny: Callable) -> None:
+    model, cfg = tiny()
+    with pytest.raises(IVPTError, match=r"stage1 concepts \[5\] do not exist"):
+        explain(model, _photo(), cfg=cfg, disable={"stage1": [5]})
+    baseline, cfg = tiny("model.method=vpt_deep")
+    with pytest.raises(IVPTError, match="no concepts or parts to switch off"):
+        explain(baseline, _photo(), cfg=cfg, disable={"parts": [0]})
+
+
+def test_figure_of_an_intervention_has_the_promised_pixel_size(tiny: Callable, tmp_path: Path) -> None:
+    model, cfg = tiny()
+    result = explain(model, _photo(), cfg=cfg, disable={"parts": [0], "stage2": [0, 1, 2, 3]})
+    path = save_figure(explanation_figure(result), tmp_path / "x.png")
     with Image.open(path) as image:
         assert image.size == EXPECTED_PIXELS
 

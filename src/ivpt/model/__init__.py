@@ -6,13 +6,15 @@
 - :func:`save_pretrained` / :func:`from_pretrained` / :func:`load_checkpoint`: trained models, in exported
   folders (``config.json`` + ``model.safetensors``), training checkpoints or on the Hugging Face Hub;
 - :class:`Preprocessing`: the inputs a model expects (``model.preprocessing``);
-- :class:`IVPTOutput`: what every model returns.
+- :class:`IVPTOutput`: what every model returns;
+- :class:`Intervention`: concepts a forward pass runs without (``model(images, intervention=...)``).
 """
 
 from __future__ import annotations
 
 from ivpt.config import METHODS
 from ivpt.model.factory import build_model, create_model
+from ivpt.model.intervention import Intervention
 from ivpt.model.official import convert_official, load_official_checkpoint
 from ivpt.model.output import IVPTOutput
 from ivpt.model.params import GROUP_NAMES, param_groups, parameter_counts
@@ -23,6 +25,7 @@ __all__ = [
     "GROUP_NAMES",
     "METHODS",
     "IVPTOutput",
+    "Intervention",
     "Preprocessing",
     "build_model",
     "convert_official",

@@ -37,6 +37,7 @@ from ivpt.config import FreezeMode, Pooling
 from ivpt.errors import ConfigError
 from ivpt.model.backbone import ViTModel
 from ivpt.model.concepts import ConceptStage, PartHead, classify_parts
+from ivpt.model.intervention import Intervention
 from ivpt.model.output import IVPTOutput
 
 
@@ -167,9 +168,16 @@ class PromptTunedViT(ViTModel):
                 self.backbone.blocks[-1], tokens, slice(start, start + self.num_prompts), patches, self.grid_size
             )
 
-    def forward(self, images: Tensor) -> IVPTOutput:
-        """``images (B, 3, H, W)`` -> :class:`IVPTOutput` (prototype fields filled only with a part head)."""
-        return self._run(images, backbone_grad=True)
+    def forward(self, images: Tensor, intervention: Intervention | None = None) -> IVPTOutput:
+        """``images (B, 3, H, W)`` -> :class:`IVPTOutput` (prototype fields filled only with a part head).
+
+        Args:
+            intervention: with a part head, final parts to remove from the logits (as for
+                :meth:`ivpt.model.ivpt.IVPT.forward`); a CLS head has nothing to switch off.
+        """
+        if intervention is not None:
+            intervention.check(self.n_pro)
+        return self._run(images, backbone_grad=True, intervention=intervention)
 
     def forward_without_backbone_grad(self, images: Tensor) -> IVPTOutput:
         """Like :meth:`forward`, but only the concept maps keep autograd (see
@@ -194,7 +202,9 @@ class PromptTunedViT(ViTModel):
             cache.update(zip(new, features.detach(), strict=True))
         return torch.stack([cache[key] for key in keys]).to(images.device)
 
-    def _run(self, images: Tensor, backbone_grad: bool, use_cache: bool = True) -> IVPTOutput:
+    def _run(
+        self, images: Tensor, backbone_grad: bool, use_cache: bool = True, intervention: Intervention | None = None
+    ) -> IVPTOutput:
         if use_cache and self.feature_cache is not None:
             cls_feature = self._cached_class_features(images)
             return IVPTOutput(logits=self.classifier(cls_feature), concept_maps=[], cls_feature=cls_feature)
@@ -217,8 +227,14 @@ class PromptTunedViT(ViTModel):
                     logits=self.classifier(cls_feature), concept_maps=attention_maps, cls_feature=cls_feature
                 )
 
+        kept_parts = None if intervention is None else intervention.kept_parts(self.n_pro[0] - 1, tokens.device)
         maps, regions, parts = classify_parts(
-            self.stages[0], self.head, self.patch_tokens(tokens), self.hard_pooling, head_grad=backbone_grad
+            self.stages[0],
+            self.head,
+            self.patch_tokens(tokens),
+            self.hard_pooling,
+            head_grad=backbone_grad,
+            kept_parts=kept_parts,
         )
         return IVPTOutput(
             logits=parts.logits,

@@ -143,30 +143,63 @@ class PromptFusion(nn.Module):
         self.prompt_norm = nn.LayerNorm((self.num_targets, embed_dim))
         self.prompt_proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, maps: Tensor, regions: PooledRegions) -> FusionResult:
+    def forward(self, maps: Tensor, regions: PooledRegions, disabled: Tensor | None = None) -> FusionResult:
         """Build prompts (and fused maps) of one stage.
 
         Args:
             maps: ``(B, K, h, w)`` concept maps (with gradient, for the consistency loss).
             regions: the stage's pooled regions, ``features (B, K, D)`` (detached) and ``mass (B, K)``.
+            disabled: ``(K-1,)`` bool, foreground concepts left out of the prompts (see
+                :mod:`ivpt.model.intervention`); ``None``: all take part. With grouping, each prompt is
+                then the weighted mean of the enabled concepts only, and there are no prompts once all
+                are disabled; without grouping, a disabled concept's own prompt is removed. The grouping
+                and the fused maps are those of the whole stage either way.
+
+        Returns:
+            :class:`FusionResult`; ``prompts`` is ``(B, N', D)`` with ``N' = N`` unless concepts are disabled.
         """
         concept_features = regions.features[:, :-1]
         if self.grouping is None:
-            return FusionResult(self.prompt_proj(self.prompt_norm(concept_features)), None, None)
+            kept = None if disabled is None else ~disabled
+            return FusionResult(self.project(concept_features, kept), None, None)
 
         grouping = self.group(concept_features, regions.mass[:, :-1])
         weights = grouping.detach()
+        kept = None
+        if disabled is not None:
+            weights = weights * (~disabled).to(weights.dtype)[None, :, None]
+            # Softmax rows are positive, so every target keeps some weight while one concept is enabled.
+            kept = torch.full((self.num_targets,), bool((~disabled).any()), device=weights.device)
         # Every softmax entry is positive; the clamp only guards underflow at very low temperatures.
         targets = torch.einsum("bkn,bkd->bnd", weights.to(concept_features.dtype), concept_features)
         denominator = weights.float().sum(dim=1).clamp_min(1e-12).unsqueeze(-1)
         targets = (targets.float() / denominator).to(targets.dtype)
-        prompts = self.prompt_proj(self.prompt_norm(targets))
+        prompts = self.project(targets, kept)
 
         # Kept in float32 like the maps: the consistency loss takes their logarithm.
         with torch.autocast(device_type=maps.device.type, enabled=False):
             fused = torch.einsum("bkhw,bkn->bnhw", maps[:, :-1].float(), grouping.float())
             fused_maps = torch.cat([fused, maps[:, -1:].float()], dim=1)
         return FusionResult(prompts, grouping, fused_maps)
+
+    def project(self, targets: Tensor, kept: Tensor | None = None) -> Tensor:
+        """``(B, N, D)`` pooled targets -> prompt tokens ``Linear(LayerNorm_[N, D](U))``.
+
+        Args:
+            kept: ``(N,)`` bool; only these rows become prompts, normalised jointly among themselves with
+                their rows of the LayerNorm's affine parameters. ``None``: all rows (the method).
+
+        Returns:
+            ``(B, N', D)`` prompts, ``N'`` the number of kept rows (0 gives an empty tensor).
+        """
+        if kept is None:
+            return self.prompt_proj(self.prompt_norm(targets))
+        rows = targets[:, kept]
+        if rows.shape[1] == 0:
+            return rows
+        norm = self.prompt_norm
+        normed = F.layer_norm(rows, tuple(rows.shape[1:]), norm.weight[kept], norm.bias[kept], norm.eps)
+        return self.prompt_proj(normed)
 
     def group(self, concept_features: Tensor, concept_mass: Tensor) -> Tensor:
         """Soft assignment ``(B, K-1, N)`` of concepts to targets; concepts with empty regions get 1/N."""
@@ -205,11 +238,21 @@ class PartHead(nn.Module):
         self.modulation = nn.LayerNorm((embed_dim, num_regions))
         self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
 
-    def forward(self, region_features: Tensor) -> PartOutput:
-        """``region_features (B, N+1, D)`` -> :class:`PartOutput`."""
+    def forward(self, region_features: Tensor, kept_parts: Tensor | None = None) -> PartOutput:
+        """``region_features (B, N+1, D)`` -> :class:`PartOutput`.
+
+        Args:
+            kept_parts: ``(N,)`` bool, the parts that count (see :mod:`ivpt.model.intervention`): the logits
+                are the sum of their part logits divided by N, so a removed part takes away exactly its
+                share. ``part_logits`` still holds every part. ``None``: all parts (the method's mean).
+        """
         part_features = self.modulation(region_features.transpose(1, 2))
         part_logits = self.classifier(part_features[:, :, :-1].transpose(1, 2))
-        return PartOutput(part_features, part_logits, part_logits.mean(dim=1))
+        if kept_parts is None:
+            logits = part_logits.mean(dim=1)
+        else:
+            logits = part_logits[:, kept_parts].sum(dim=1) / part_logits.shape[1]
+        return PartOutput(part_features, part_logits, logits)
 
 
 class FinalStageOutput(NamedTuple):
@@ -219,7 +262,12 @@ class FinalStageOutput(NamedTuple):
 
 
 def classify_parts(
-    stage: ConceptStage, head: PartHead, patch_features: Tensor, hard: bool, head_grad: bool = True
+    stage: ConceptStage,
+    head: PartHead,
+    patch_features: Tensor,
+    hard: bool,
+    head_grad: bool = True,
+    kept_parts: Tensor | None = None,
 ) -> FinalStageOutput:
     """The last stage: maps from detached features, pooling and head WITH gradient to maps and features.
 
@@ -227,8 +275,9 @@ def classify_parts(
         patch_features: ``(B, n, D)`` normalised output patch tokens of the last block.
         head_grad: ``False`` runs the pooling and the head without autograd; the maps keep theirs (to the
             prototypes and the spatial bias), which is all the equivariance view needs.
+        kept_parts: ``(N,)`` bool parts that count in the logits (:meth:`PartHead.forward`), or ``None``.
     """
     maps = stage(patch_features.detach())
     with contextlib.nullcontext() if head_grad else torch.no_grad():
         regions = pool_regions(maps if head_grad else maps.detach(), patch_features, hard=hard)
-        return FinalStageOutput(maps, regions, head(regions.features))
+        return FinalStageOutput(maps, regions, head(regions.features, kept_parts))

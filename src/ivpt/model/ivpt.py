@@ -12,6 +12,7 @@ from ivpt.config import FUSION_TARGETS, POOLINGS, FreezeMode, FusionTarget, Pool
 from ivpt.errors import ConfigError
 from ivpt.model.backbone import ViTModel
 from ivpt.model.concepts import ConceptStage, PartHead, PromptFusion, classify_parts, pool_regions
+from ivpt.model.intervention import Intervention
 from ivpt.model.output import IVPTOutput
 
 
@@ -97,9 +98,22 @@ class IVPT(ViTModel):
         """0-based index of the stage whose maps the fused maps of ``stage`` are compared with."""
         return stage + 1 if self.fusion_target == "chain" else len(self.n_pro) - 1
 
-    def forward(self, images: Tensor) -> IVPTOutput:
-        """``images (B, 3, H, W)`` -> :class:`IVPTOutput` with every prototype field filled."""
-        return self._run(images, backbone_grad=True)
+    def forward(self, images: Tensor, intervention: Intervention | None = None) -> IVPTOutput:
+        """``images (B, 3, H, W)`` -> :class:`IVPTOutput` with every prototype field filled.
+
+        Args:
+            intervention: concepts to switch off (:class:`ivpt.model.intervention.Intervention`): final
+                parts leave the logits, intermediate concepts leave their stage's prompts. ``None`` or an
+                empty one runs the method unchanged (bit for bit). ``prompts`` then holds ``(B, N', D)``
+                with the prompts actually inserted, ``logits`` the intervened scores and ``part_logits``
+                every part's scores.
+
+        Raises:
+            IVPTError: the intervention names a part or concept this model does not have.
+        """
+        if intervention is not None:
+            intervention.check(self.n_pro)
+        return self._run(images, backbone_grad=True, intervention=intervention)
 
     def forward_without_backbone_grad(self, images: Tensor) -> IVPTOutput:
         """The forward pass of the equivariance view: only the concept maps keep their autograd graph.
@@ -116,7 +130,7 @@ class IVPT(ViTModel):
         """
         return self._run(images, backbone_grad=False)
 
-    def _run(self, images: Tensor, backbone_grad: bool) -> IVPTOutput:
+    def _run(self, images: Tensor, backbone_grad: bool, intervention: Intervention | None = None) -> IVPTOutput:
         maps_per_stage: list[Tensor] = []
         regions_per_stage: list[Tensor] = []
         prompts: list[Tensor] = []
@@ -135,10 +149,16 @@ class IVPT(ViTModel):
             maps = self.stages[stage](patch_features)
             with tracked():
                 regions = pool_regions(maps.detach(), patch_features, hard=self.hard_pooling)
-                fused = self.fusions[stage](maps, regions)
+                disabled = None
+                if intervention is not None:
+                    disabled = intervention.disabled_concepts(stage, self.n_pro[stage] - 1, maps.device)
+                fused = self.fusions[stage](maps, regions, disabled)
                 num_prompts = fused.prompts.shape[1]
-                tokens = self.run_block(index, torch.cat([tokens, fused.prompts.to(tokens.dtype)], dim=1))
-                tokens = tokens[:, :-num_prompts]
+                if num_prompts:
+                    tokens = self.run_block(index, torch.cat([tokens, fused.prompts.to(tokens.dtype)], dim=1))
+                    tokens = tokens[:, :-num_prompts]
+                else:  # every concept of the stage switched off: the block sees the image tokens alone
+                    tokens = self.run_block(index, tokens)
             maps_per_stage.append(maps)
             regions_per_stage.append(regions.features)
             prompts.append(fused.prompts)
@@ -148,8 +168,16 @@ class IVPT(ViTModel):
 
         with tracked():
             tokens = self.backbone.norm(tokens)
+        kept_parts = None
+        if intervention is not None:
+            kept_parts = intervention.kept_parts(self.n_pro[-1] - 1, tokens.device)
         final_maps, final_regions, parts = classify_parts(
-            self.stages[-1], self.head, self.patch_tokens(tokens), self.hard_pooling, head_grad=backbone_grad
+            self.stages[-1],
+            self.head,
+            self.patch_tokens(tokens),
+            self.hard_pooling,
+            head_grad=backbone_grad,
+            kept_parts=kept_parts,
         )
         return IVPTOutput(
             logits=parts.logits,

@@ -204,6 +204,21 @@ class ConceptStatisticsMeter:
         )
 
 
+def concept_feeds(
+    stats: ConceptStatistics, stage: int, concept: int, min_weight: float = 0.1
+) -> list[tuple[int, float]]:
+    """The concepts a foreground concept of a grouped stage feeds, with mean grouping weight >= ``min_weight``.
+
+    Returns:
+        ``(target concept, weight)`` pairs, strongest first, targets in stage ``stats.fusion_targets[stage]``;
+        empty for an ungrouped stage or the background.
+    """
+    if stage >= len(stats.mean_grouping) or concept >= stats.mean_grouping[stage].shape[0]:
+        return []
+    weights = stats.mean_grouping[stage][concept]
+    return [(int(t), float(weights[t])) for t in np.argsort(-weights, kind="stable") if weights[t] >= min_weight]
+
+
 def crop_box(cell: int, grid_size: Sequence[int], image_size: Sequence[int], side: int) -> tuple[int, int, int, int]:
     """Square crop of ``side`` pixels centred on a patch, shifted to stay inside the image.
 
@@ -230,6 +245,7 @@ __all__ = [
     "ConceptStatistics",
     "ConceptStatisticsMeter",
     "claimed_fractions",
+    "concept_feeds",
     "crop_box",
     "typicality_scores",
 ]

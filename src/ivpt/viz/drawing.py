@@ -109,12 +109,15 @@ def draw_overlay(
     )
 
 
-def draw_part_bars(ax: Axes, contributions: np.ndarray, palette: np.ndarray, title: str) -> None:
+def draw_part_bars(
+    ax: Axes, contributions: np.ndarray, palette: np.ndarray, title: str, disabled: Sequence[int] = ()
+) -> None:
     """Horizontal bars: each final part's share of a class logit (shares add up to the logit).
 
     Args:
         contributions: ``(N,)`` part shares.
         palette: final-stage colours ``(N + 1, 3)``.
+        disabled: parts switched off by an intervention (their bar is labelled so instead of 0).
     """
     num_parts = len(contributions)
     rows = np.arange(num_parts)
@@ -124,7 +127,7 @@ def draw_part_bars(ax: Axes, contributions: np.ndarray, palette: np.ndarray, tit
     ax.axvline(0.0, color="black", lw=0.8)
     for row, value in zip(rows, contributions, strict=True):
         ax.annotate(
-            f"{value:+.2f}",
+            "switched off" if row in disabled else f"{value:+.2f}",
             (value, row),
             xytext=(3 if value >= 0 else -3, 0),
             textcoords="offset points",

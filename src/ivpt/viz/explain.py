@@ -8,7 +8,7 @@ part adds to the predicted class, and how the image's fine concepts group into c
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,28 @@ def _model_preprocessing(model: nn.Module) -> Preprocessing:
     return prep
 
 
+def _class_entries(logits: Tensor, names: Sequence[str]) -> Callable[[int], dict[str, Any]]:
+    """``index -> {"index", "name", "probability", "logit"}`` for one image's ``(C,)`` logits."""
+    probabilities = logits.softmax(dim=0)
+
+    def describe(index: int) -> dict[str, Any]:
+        return {
+            "index": index,
+            "name": names[index],
+            "probability": float(probabilities[index]),
+            "logit": float(logits[index]),
+        }
+
+    return describe
+
+
+def _prediction(logits: Tensor, names: Sequence[str]) -> dict[str, Any]:
+    """``{"predicted", "top5"}`` of one image's ``(C,)`` logits."""
+    describe = _class_entries(logits, names)
+    top = logits.softmax(dim=0).topk(min(TOP_K, logits.numel())).indices.tolist()
+    return {"predicted": describe(int(logits.argmax())), "top5": [describe(i) for i in top]}
+
+
 @torch.no_grad()
 def explain(
     model: nn.Module,
@@ -96,6 +118,7 @@ def explain(
     cfg: Config | None = None,
     class_names: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
+    disable: Mapping[str, Iterable[int]] | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` on one image and gather everything its explanation shows.
 
@@ -109,6 +132,10 @@ def explain(
             transform (unset ones: the backbone's). Without it the model's own ``preprocessing`` is used.
         class_names: names for the class indices (default ``"class <i>"``).
         device: where the forward runs (the model must already be there).
+        disable: concepts to switch off, ``{"parts": [2], "stage1": [5]}``: final parts (0-based) leave
+            the logits with exactly their share, concepts of an intermediate stage (key ``stage<s>``,
+            1-based stage, 0-based concepts as in the figures) leave that stage's prompts
+            (:class:`ivpt.model.intervention.Intervention`, docs/app.md). ``None``: the plain model.
 
     Returns:
         A dict with JSON-ready entries
@@ -124,63 +151,82 @@ def explain(
 
         and the drawing arrays ``image`` (``(S, S, 3)`` uint8, the transformed input) and
         ``concept_maps`` (per stage ``(K_s, h, w)`` float32 arrays).
+
+        With ``disable`` (even an empty one) everything above describes the intervened model (a
+        disabled part's contribution is 0 and it gets ``"disabled": true``; every stage gets
+        ``"disabled": [concepts]``), and ``intervention`` holds ``{"disabled": {...} (sorted),
+        "before": {"predicted", "top5"} of the plain model, "after": {"predicted", "top5",
+        "original_class"}}``, ``original_class`` being the plain model's predicted class as scored
+        after the intervention.
+
+    Raises:
+        IVPTError: a bad image, class names that do not fit, or a ``disable`` entry the model lacks.
     """
+    from ivpt.model.intervention import Intervention
+
     prep = preprocessing_of(cfg) if cfg is not None else _model_preprocessing(model)
     if not isinstance(prep.img_size, int):
         raise IVPTError(f"explain: ivpt's test transform makes square images, the model takes {prep.img_size}")
     img_size = prep.img_size
     pixels = _preprocess(image, prep)
+    intervention = None
+    if disable is not None:
+        intervention = Intervention.from_disable(disable, tuple(getattr(model, "n_pro", ())))
     was_training = model.training
     model.eval()
     try:
-        output = model(pixels[None].to(device))
+        batch = pixels[None].to(device)
+        output = model(batch) if intervention is None else model(batch, intervention=intervention)
+        plain = output if intervention is None else model(batch)
     finally:
         model.train(was_training)
 
     logits = output.logits[0].float().cpu()
-    probabilities = logits.softmax(dim=0)
     names = list(class_names) if class_names is not None else [f"class {i}" for i in range(logits.numel())]
     if len(names) != logits.numel():
         raise IVPTError(f"explain: {len(names)} class names given for a model with {logits.numel()} classes")
 
-    def describe(index: int) -> dict[str, Any]:
-        return {
-            "index": index,
-            "name": names[index],
-            "probability": float(probabilities[index]),
-            "logit": float(logits[index]),
-        }
-
-    top = probabilities.topk(min(TOP_K, logits.numel())).indices.tolist()
-    predicted = int(logits.argmax())
+    prediction = _prediction(logits, names)
+    predicted = prediction["predicted"]["index"]
     parts: list[dict[str, Any]] = []
     if output.part_logits is not None:
         shares = part_contributions(output.part_logits[0], predicted)
-        parts = [{"part": n, "contribution": float(share)} for n, share in enumerate(shares)]
+        off = intervention.parts if intervention is not None else frozenset()
+        for n, share in enumerate(shares):
+            entry: dict[str, Any] = {"part": n, "contribution": 0.0 if n in off else float(share)}
+            if intervention is not None:
+                entry["disabled"] = n in off
+            parts.append(entry)
 
     maps = [m[0].float().cpu().numpy() for m in output.concept_maps]
     targets = list(output.fusion_targets) or [len(maps) - 1] * len(output.groupings)
     stages = []
     for stage, stage_maps in enumerate(maps):
         grouped = stage < len(output.groupings)
-        stages.append(
-            {
-                "stage": stage + 1,
-                "num_concepts": int(stage_maps.shape[0]),
-                "areas": region_areas(stage_maps, (img_size, img_size)).tolist(),
-                "groups_into_stage": targets[stage] + 1 if grouped else None,
-                "grouping": output.groupings[stage][0].float().cpu().tolist() if grouped else None,
-            }
-        )
-    return {
+        record: dict[str, Any] = {
+            "stage": stage + 1,
+            "num_concepts": int(stage_maps.shape[0]),
+            "areas": region_areas(stage_maps, (img_size, img_size)).tolist(),
+            "groups_into_stage": targets[stage] + 1 if grouped else None,
+            "grouping": output.groupings[stage][0].float().cpu().tolist() if grouped else None,
+        }
+        if intervention is not None:
+            last = stage == len(maps) - 1
+            record["disabled"] = sorted(intervention.parts if last else intervention.stage_concepts.get(stage, ()))
+        stages.append(record)
+    result: dict[str, Any] = {
         "method": str(getattr(model, "method", cfg.model.method if cfg is not None else "ivpt")),
-        "predicted": describe(predicted),
-        "top5": [describe(i) for i in top],
+        **prediction,
         "parts": parts,
         "stages": stages,
-        "image": denormalize_image(pixels, prep.mean, prep.std),
-        "concept_maps": maps,
     }
+    if intervention is not None:
+        before = _prediction(plain.logits[0].float().cpu(), names)
+        after = {**prediction, "original_class": _class_entries(logits, names)(before["predicted"]["index"])}
+        result["intervention"] = {"disabled": intervention.to_disable(), "before": before, "after": after}
+    result["image"] = denormalize_image(pixels, prep.mean, prep.std)
+    result["concept_maps"] = maps
+    return result
 
 
 def explanation_record(result: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +244,11 @@ def explanation_figure(result: dict[str, Any], title: str = "") -> Figure:
     figure = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
     predicted = result["predicted"]
     heading = f"predicted: {predicted['name']} (p = {predicted['probability']:.2f}, logit = {predicted['logit']:.2f})"
+    intervention = result.get("intervention")
+    if intervention is not None and intervention["disabled"]:
+        plain = intervention["before"]["predicted"]
+        switched_off = ", ".join(f"{key} {values}" for key, values in intervention["disabled"].items())
+        heading += f"  with {switched_off} switched off; before: {plain['name']} (p = {plain['probability']:.2f})"
     figure.suptitle(f"{title}\n{heading}" if title else heading, fontsize=11)
     maps: list[np.ndarray] = result["concept_maps"]
     top_lines = "\n".join(f"{i + 1}. {e['name']}  {e['probability']:.1%}" for i, e in enumerate(result["top5"]))
@@ -252,20 +303,25 @@ def explanation_figure(result: dict[str, Any], title: str = "") -> Figure:
             shares,
             palette[-1],
             f"part evidence for '{predicted['name']}'\n(shares of its logit, sum = {shares.sum():.2f})",
+            disabled=[p["part"] for p in result["parts"] if p.get("disabled")],
         )
     flow_ax = figure.add_subplot(bottom[0, 1])
     groupings = [np.asarray(s["grouping"]) for s in result["stages"] if s["grouping"] is not None]
     if groupings:
         targets = [s["groups_into_stage"] - 1 for s in result["stages"] if s["grouping"] is not None]
         areas_fg = [np.asarray(s["areas"][:-1]) for s in result["stages"]]
+        active = [a > 0 for a in areas_fg]
+        for stage, record in enumerate(result["stages"]):
+            active[stage][record.get("disabled", [])] = False
+        hollow = "no region here or switched off" if intervention is not None else "no region here"
         draw_hierarchy(
             flow_ax,
             [k - 1 for k in num_concepts],
             grouping_flow(groupings, targets),
             palette,
             node_sizes=areas_fg,
-            active=[a > 0 for a in areas_fg],
-            title="this image's fine-to-coarse grouping (edge width = weight; hollow = no region here)",
+            active=active,
+            title=f"this image's fine-to-coarse grouping (edge width = weight; hollow = {hollow})",
         )
     else:
         flow_ax.set_axis_off()

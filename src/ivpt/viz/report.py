@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ivpt.config import Config
 from ivpt.model.preprocessing import preprocessing_of
 from ivpt.outputs import prepare_output_dir, write_text
-from ivpt.viz.concept_stats import ConceptStatistics, ConceptStatisticsMeter, crop_box
+from ivpt.viz.concept_stats import ConceptStatistics, ConceptStatisticsMeter, concept_feeds, crop_box
 from ivpt.viz.drawing import concept_label, draw_hierarchy, save_figure, save_image
 from ivpt.viz.maps import denormalize_image, grouping_flow
 from ivpt.viz.palette import concept_palette, to_hex
@@ -271,11 +271,10 @@ def _swatch(colour: np.ndarray) -> str:
 
 def _feeds(stats: ConceptStatistics, stage: int, concept: int) -> str:
     """The targets a concept feeds with weight >= 0.1, strongest first, as HTML."""
-    weights = stats.mean_grouping[stage][concept]
     target = stats.fusion_targets[stage]
-    order = [int(t) for t in np.argsort(-weights, kind="stable") if weights[t] >= 0.1]
     return ", ".join(
-        f"{html.escape(concept_label(target, t, len(stats.num_concepts)))} ({weights[t]:.2f})" for t in order
+        f"{html.escape(concept_label(target, t, len(stats.num_concepts)))} ({weight:.2f})"
+        for t, weight in concept_feeds(stats, stage, concept)
     )
 
 
