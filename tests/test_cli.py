@@ -82,3 +82,8 @@ def test_the_package_lists_its_lazy_exports_and_imports_without_unix_modules():
     finally:
         builtins.__import__ = real_import
         importlib.reload(ivpt.bench)
+
+
+def test_python_dash_m_ivpt_runs_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "ivpt", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "data-check" in proc.stdout and "export" in proc.stdout

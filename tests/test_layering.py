@@ -26,6 +26,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("engine",),
     ("demo", "bench", "app"),
     ("cli",),
+    ("__main__",),
 )
 LEVEL_OF = {part: level for level, parts in enumerate(LEVELS) for part in parts}
 # The package root only re-exports lazily (and holds __version__): importing it pulls in nothing.
