@@ -49,12 +49,15 @@ COMMON_KEYS = {
     "bound_ms_per_step",
     "ratio",
     "finite",
+    "compile_s",
+    "compile_cache",
 }
 
 
 def _check_line(result: dict, mode: str, batch: int) -> None:
     assert set(result) == COMMON_KEYS | {"peak_rss_gb"}
     assert result["mode"] == mode and result["device"] == "cpu" and result["finite"] is True
+    assert result["compile"] is False and result["compile_s"] is None and result["compile_cache"] is None
     assert result["ms_per_step"] > 0 and result["bound_ms_per_step"] > 0 and result["peak_rss_gb"] > 0
     # Both are rounded from the same unrounded medians.
     assert result["ratio"] == pytest.approx(result["ms_per_step"] / result["bound_ms_per_step"], rel=1e-2)
@@ -236,9 +239,22 @@ def test_gpu_check_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
         "train_bf16_joint_2B",
         "train_fp32",
         "eval_fp32",
+        "loader_32",
+        "loader_48",
+        "train_e2e_bf16",
+        "eval_metrics_bf16",
         "train_bf16_compile",
+        "train_bf16_compile_warm",
+        "train_e2e_bf16_compile",
     ]
     for record in records:
         assert "error" not in record, record
-        assert record["finite"] is True and record["ratio"] > 0, record
+        assert record.get("finite", True) is True and record["ratio"] > 0, record
+    by_label = {r["label"]: r for r in records}
+    assert by_label["loader_32"]["draft_fraction"] == 1.0 and by_label["loader_48"]["draft_fraction"] == 0.0
+    cold, warm = by_label["train_bf16_compile"], by_label["train_bf16_compile_warm"]
+    assert cold["compile_s"] > 0 and cold["compile_cache"]["misses"] > 0
+    # A new process, the same shapes: every compiled graph comes from the on-disk cache of the first.
+    assert warm["compile_cache"]["hits"] > 0 and warm["compile_cache"]["misses"] == 0
+    assert by_label["train_e2e_bf16_compile"]["compile"] is True
     assert (tmp_path / "environment.txt").read_text().strip()

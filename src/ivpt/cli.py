@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ivpt.config import DATASETS, METHODS, PRECISIONS
+from ivpt.config import AUGMENTS, DATASETS, METHODS, PRECISIONS
 from ivpt.errors import IVPTError
 from ivpt.outputs import describe_os_error
 
@@ -121,8 +121,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ivpt.bench import run_bench
 
-    result = run_bench(
-        mode=args.mode,
+    n_pro = tuple(int(v) for v in args.n_pro.split(",")) if args.n_pro else None
+    model = dict(
         arch=args.arch,
         img_size=args.img_size,
         batch=args.batch,
@@ -132,8 +132,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         method=args.method,
         steps=args.steps,
         warmup=args.warmup,
-        n_pro=tuple(int(v) for v in args.n_pro.split(",")) if args.n_pro else None,
+        n_pro=n_pro,
     )
+    if args.mode in ("train-step", "eval"):
+        _print_json(run_bench(args.mode, **model))
+        return 0
+    from ivpt.bench.data import run_eval_bench, run_loader_bench, run_train_bench
+
+    if args.data is None:
+        raise IVPTError(f"bench {args.mode}: --data ROOT is required (the data set to read)")
+    data = dict(data=args.data, dataset=args.dataset, workers=args.workers)
+    if args.mode == "loader":
+        loader = {key: model[key] for key in ("img_size", "batch", "device", "steps", "warmup")}
+        result = run_loader_bench(**data, **loader, augment=args.augment, samples=args.samples, rounds=args.rounds or 5)
+    elif args.mode == "train":
+        rounds = args.rounds or 2
+        result = run_train_bench(**data, **model, augment=args.augment, rounds=rounds, pretrained=args.pretrained)
+    else:
+        result = run_eval_bench(**data, **model, rounds=args.rounds or 2, pretrained=args.pretrained)
     _print_json(result)
     return 0
 
@@ -289,8 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 2 with 2 cores or more; 1: one method after the other in this process)",
     )
 
-    p = add("bench", _cmd_bench, "Benchmark a training step or inference against the bare backbone.")
-    p.add_argument("mode", choices=["train-step", "eval"], help="what to time")
+    p = add("bench", _cmd_bench, "Benchmark against a bound: the training step, inference, the data path, ivpt eval.")
+    p.add_argument(
+        "mode",
+        choices=["train-step", "eval", "loader", "train", "eval-metrics"],
+        help="what to time: the step or the forward on tensors in memory; the training data path alone (loader); "
+        "training fed by it (train); ivpt eval with every metric (eval-metrics). The last three need --data",
+    )
     p.add_argument("--arch", default="vit_small_patch16_224", help="timm model name")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
@@ -301,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-pro", default=None, metavar="K1,K2,...", help="prototypes per stage")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
+    p.add_argument("--data", metavar="ROOT", default=None, help="data set folder (loader, train, eval-metrics)")
+    p.add_argument("--dataset", choices=DATASETS, default="cub", help="its layout")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.num_workers)")
+    p.add_argument("--augment", choices=AUGMENTS, default=None, help="training augmentation")
+    p.add_argument("--samples", type=int, default=32, help="loader: images compared with the loader bound")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="alternations with the bound (default: loader 5, train and eval 2)"
+    )
+    p.add_argument(
+        "--pretrained", action="store_true", help="the arch's pretrained weights (local ones: ivpt_demo_vit's)"
+    )
 
     p = add("make-synthetic", _cmd_make_synthetic, "Generate the synthetic part data set in CUB layout.")
     p.add_argument("out", metavar="OUT", help="output folder")

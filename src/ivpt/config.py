@@ -88,6 +88,9 @@ class DataConfig:
     folder_train_ratio: float = 0.8
     folder_split_seed: int = 0
     augment: Augment = "paper"
+    # Decode a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling) when the resize to img_size
+    # shrinks it by at least that factor: faster, with exactly the same geometry (docs/performance.md).
+    jpeg_draft: bool = True
     num_workers: int = 4
     # Per-channel normalisation (RGB); unset (null): the backbone's timm pretrained_cfg mean / std.
     mean: tuple[float, ...] | None = None

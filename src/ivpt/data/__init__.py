@@ -58,7 +58,9 @@ def build_dataset(
 
     prep = preprocessing_of(cfg)
     transform = SampleTransform(prep.img_size, data.augment if augment_now else "none", mean=prep.mean, std=prep.std)
-    return PartImageDataset(notes, indices, transform, bbox_crop=bbox_crop, with_masks=with_masks)
+    return PartImageDataset(
+        notes, indices, transform, bbox_crop=bbox_crop, with_masks=with_masks, jpeg_draft=data.jpeg_draft
+    )
 
 
 __all__ = [

@@ -10,7 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ivpt.data.annotations import Annotations
-from ivpt.data.images import open_image, size_mismatch
+from ivpt.data.images import decode_image, open_image, size_mismatch
 from ivpt.data.transforms import SampleTransform
 from ivpt.errors import DataError
 
@@ -30,6 +30,9 @@ class PartImageDataset(Dataset):
         transform: image + geometry transform.
         bbox_crop: crop every image to its box and resize the crop to ``S x S`` before the transform.
         with_masks: also return the segmentation mask (requires ``segmentations/``).
+        jpeg_draft: decode a JPEG at 1/2, 1/4 or 1/8 of its size when the transform's resize shrinks it by
+            at least that factor (:func:`ivpt.data.images.decode_image`); keypoints, boxes and masks keep
+            the full-size geometry.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class PartImageDataset(Dataset):
         *,
         bbox_crop: bool = False,
         with_masks: bool = False,
+        jpeg_draft: bool = False,
     ) -> None:
         if with_masks and annotations.mask_paths is None:
             raise DataError(f"masks were requested but '{annotations.root}' has no segmentations/ folder")
@@ -48,6 +52,7 @@ class PartImageDataset(Dataset):
         self.transform = transform
         self.bbox_crop = bbox_crop
         self.with_masks = with_masks
+        self.jpeg_draft = jpeg_draft
 
     @property
     def class_names(self) -> list[str]:
@@ -87,19 +92,34 @@ class PartImageDataset(Dataset):
             raise IndexError(f"sample {index} out of range for a split of {len(self.indices)} images")
         source = int(self.indices[index])
         notes = self.annotations
-        image = open_image(notes.image_paths[source])
-        if notes.boxes is None:
-            box = np.array([0.0, 0.0, image.width - 1.0, image.height - 1.0], dtype=np.float32)
-        else:
-            box = notes.boxes[source]
+        boxes = notes.boxes
+
+        def box_of(width: int, height: int) -> np.ndarray:
+            if boxes is None:
+                return np.array([0.0, 0.0, width - 1.0, height - 1.0], dtype=np.float32)
+            return boxes[source]
+
+        def max_reduction(width: int, height: int) -> float:
+            crop_box = box_of(width, height) if self.bbox_crop else None
+            return self.transform.max_reduction(width, height, crop_box)
+
+        decoded = decode_image(notes.image_paths[source], max_reduction=max_reduction if self.jpeg_draft else None)
+        width, height = decoded.source_size
+        box = box_of(width, height)
         mask = None
         if self.with_masks:
             mask_path = notes.mask_paths[source]  # type: ignore[index]  # presence checked in __init__
             mask = open_image(mask_path, "L", "segmentation mask")
-            if mask.size != image.size:
-                raise DataError(size_mismatch(mask_path, mask.size, notes.image_paths[source], image.size))
+            if mask.size != decoded.source_size:
+                raise DataError(size_mismatch(mask_path, mask.size, notes.image_paths[source], decoded.source_size))
         sample: dict[str, Any] = self.transform(
-            image, notes.keypoints[source], box, mask, crop_box=box if self.bbox_crop else None
+            decoded.image,
+            notes.keypoints[source],
+            box,
+            mask,
+            crop_box=box if self.bbox_crop else None,
+            source_size=decoded.source_size,
+            reduction=decoded.reduction,
         )
         sample["label"] = int(notes.labels[source])
         sample["index"] = index

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -20,19 +22,80 @@ class LargeImageWarning(UserWarning):
     """
 
 
-def open_image(path: Path, mode: str = "RGB", what: str = "image") -> Image.Image:
+# The scales libjpeg can decode a JPEG at directly (DCT scaling), as divisors of its size.
+JPEG_REDUCTIONS = (8, 4, 2)
+
+
+def jpeg_reduction(limit: float, size: tuple[int, int]) -> int:
+    """The largest of :data:`JPEG_REDUCTIONS` not above ``limit`` (and not above the image's sides), else 1."""
+    return next((f for f in JPEG_REDUCTIONS if f <= limit and f <= min(size)), 1)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image file decoded, possibly at a reduced scale.
+
+    Attributes:
+        image: the pixels, in the requested mode.
+        source_size: ``(W, H)`` of the file at full size.
+        reduction: ``image`` is the file at ``1 / reduction`` of its size: pixel-edge coordinate ``u`` of
+            the file is ``u / reduction`` in ``image`` (its last row and column may cover less than
+            ``reduction`` file pixels).
+    """
+
+    image: Image.Image
+    source_size: tuple[int, int]
+    reduction: int = 1
+
+
+def decode_image(
+    path: Path,
+    mode: str = "RGB",
+    what: str = "image",
+    *,
+    max_reduction: Callable[[int, int], float] | None = None,
+) -> DecodedImage:
     """Decode ``path`` and convert it to ``mode`` (``"RGB"`` for images, ``"L"`` for masks).
 
-    ``what`` names the kind of file in the error message. An image beyond PIL's decompression-bomb
-    limit warns (:class:`LargeImageWarning`), and beyond twice the limit raises, naming the file.
+    Args:
+        path: the file.
+        mode: PIL mode of the result.
+        what: names the kind of file in the error message.
+        max_reduction: called with the file's ``(W, H)`` before anything is decoded, returns how many
+            times smaller an image the caller can use. A JPEG is then decoded directly at 1/2, 1/4 or 1/8
+            of its size (libjpeg's DCT scaling, PIL's ``draft``), the largest of those factors not above
+            it; other formats are decoded at full size.
+
+    An image beyond PIL's decompression-bomb limit warns (:class:`LargeImageWarning`), and beyond twice the
+    limit raises, naming the file.
     """
     try:
         with _open(path, what) as image:
-            return image.convert(mode)
+            source_size = image.size
+            reduction = 1
+            if max_reduction is not None and image.format == "JPEG":
+                factor = jpeg_reduction(max_reduction(*source_size), source_size)
+                if factor > 1:
+                    drafted = image.draft(mode, (source_size[0] // factor, source_size[1] // factor))
+                    if drafted is not None:
+                        # The box is the whole file in the reduced image's coordinates: (0, 0, W / r, H / r).
+                        reduction = round(source_size[0] / drafted[1][2])
+            image.load()
+            # Leaving the block closes the file only; an image already in ``mode`` needs no copy.
+            return DecodedImage(image if image.mode == mode else image.convert(mode), source_size, reduction)
     except Image.DecompressionBombError as exc:
         raise DataError(_bomb_message(path, what, exc)) from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot decode {what} '{path}': {exc}") from None
+
+
+def open_image(path: Path, mode: str = "RGB", what: str = "image") -> Image.Image:
+    """Decode ``path`` at full size and convert it to ``mode`` (``"RGB"`` for images, ``"L"`` for masks).
+
+    ``what`` names the kind of file in the error message. An image beyond PIL's decompression-bomb
+    limit warns (:class:`LargeImageWarning`), and beyond twice the limit raises, naming the file.
+    """
+    return decode_image(path, mode, what).image
 
 
 def decode_problem(path: Path, what: str = "image") -> str | None:
@@ -106,4 +169,14 @@ def _bomb_message(path: Path, what: str, exc: Image.DecompressionBombError) -> s
     )
 
 
-__all__ = ["LargeImageWarning", "decode_problem", "image_size", "open_image", "size_mismatch"]
+__all__ = [
+    "JPEG_REDUCTIONS",
+    "DecodedImage",
+    "LargeImageWarning",
+    "decode_image",
+    "decode_problem",
+    "image_size",
+    "jpeg_reduction",
+    "open_image",
+    "size_mismatch",
+]

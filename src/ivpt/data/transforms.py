@@ -10,7 +10,13 @@ rotation / scale / translation, crop). Their product :attr:`GeometryPlan.matrix`
 centres to output pixel centres; keypoints and box corners are mapped by that matrix, and the image is
 resampled with exactly the same two steps, so they agree by construction. The resize is done separately
 (rather than folded into a single bilinear warp) because a bilinear warp that shrinks an image aliases,
-while PIL's resize filters over the whole footprint.
+while PIL's resize filters over the whole footprint. A remainder that only crops (and flips) is folded into
+the resize: resizing the cropped region gives the same filter taps as resizing everything and cropping.
+
+A JPEG may have been decoded at 1/2, 1/4 or 1/8 scale (:func:`ivpt.data.images.decode_image`) when the
+resize shrinks it by at least that factor (:attr:`GeometryPlan.max_reduction`); the resize then reads the
+same region in the smaller image's coordinates, so the geometry, keypoints and boxes are those of the
+full-size decode.
 
 Augmentations (docs/method.md section 7):
 
@@ -27,6 +33,7 @@ used, which the training engine seeds per data-loader worker, so runs are reprod
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +130,16 @@ class GeometryPlan:
         """``(3, 3)`` affine from source pixel centres to output pixel centres."""
         return self.remainder @ region_resize_matrix(self.source_box, self.resized_size)
 
+    @property
+    def max_reduction(self) -> float:
+        """How many times smaller the source could be decoded without the resize having to enlarge it."""
+        return _max_reduction(self.source_box, self.resized_size)
+
+
+def _max_reduction(source_box: tuple[float, float, float, float], resized_size: tuple[int, int]) -> float:
+    left, top, right, bottom = source_box
+    return min((right - left) / resized_size[0], (bottom - top) / resized_size[1])
+
 
 def short_side_size(width: int, height: int, img_size: int) -> tuple[int, int]:
     """Size ``(W', H')`` after resizing the short side to ``img_size`` (torchvision's rounding)."""
@@ -155,6 +172,19 @@ def sample_augment_params(
     )
 
 
+def resize_geometry(
+    width: int, height: int, img_size: int, crop_box: Sequence[float] | None = None
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """The resize step of :func:`plan_geometry`: ``(source_box, resized_size)`` (no random choice affects it)."""
+    if crop_box is None:
+        return (0.0, 0.0, float(width), float(height)), short_side_size(width, height, img_size)
+    x_min, y_min, x_max, y_max = (float(v) for v in crop_box)
+    # Pixel centres x_min..x_max span the edges x_min - 0.5 .. x_max + 0.5: PIL's x_min .. x_max + 1.
+    left, top = min(max(x_min, 0.0), width - 1.0), min(max(y_min, 0.0), height - 1.0)
+    right, bottom = min(max(x_max + 1.0, left + 1.0), width), min(max(y_max + 1.0, top + 1.0), height)
+    return (left, top, right, bottom), (img_size, img_size)
+
+
 def plan_geometry(
     width: int,
     height: int,
@@ -174,46 +204,89 @@ def plan_geometry(
             It is clipped to the image and kept at least one pixel wide and high.
     """
     params = params if params is not None else AugmentParams()
-    if crop_box is not None:
-        x_min, y_min, x_max, y_max = (float(v) for v in crop_box)
-        # Pixel centres x_min..x_max span the edges x_min - 0.5 .. x_max + 0.5: PIL's x_min .. x_max + 1.
-        left, top = min(max(x_min, 0.0), width - 1.0), min(max(y_min, 0.0), height - 1.0)
-        right, bottom = min(max(x_max + 1.0, left + 1.0), width), min(max(y_max + 1.0, top + 1.0), height)
-        source_box = (left, top, right, bottom)
-        resized = (img_size, img_size)
-    else:
-        source_box = (0.0, 0.0, float(width), float(height))
-        resized = short_side_size(width, height, img_size)
+    source_box, resized = resize_geometry(width, height, img_size, crop_box)
     w, h = resized
-    remainder = np.eye(3)
-    if params.flip:
-        remainder = hflip_matrix(w) @ remainder
+    # x' = a x + b y + c, y' = d x + e y + f, composed in Python floats: a handful of 3 x 3 numpy products
+    # cost more than the rest of planning a sample.
+    a, b, c, d, e, f = (-1.0, 0.0, w - 1.0, 0.0, 1.0, 0.0) if params.flip else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     if params.angle_deg != 0.0 or params.scale != 1.0 or params.translate != (0.0, 0.0):
-        center = ((w - 1) / 2.0, (h - 1) / 2.0)
-        affine = translation_matrix(*params.translate) @ rotation_scale_matrix(params.angle_deg, params.scale, center)
-        remainder = affine @ remainder
+        # translation_matrix(*translate) @ rotation_scale_matrix(angle, scale, centre) applied after the flip.
+        theta = math.radians(params.angle_deg)
+        cos, sin = params.scale * math.cos(theta), params.scale * math.sin(theta)
+        cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+        tx, ty = params.translate
+        a, b, c, d, e, f = (
+            cos * a + sin * d,
+            cos * b + sin * e,
+            cos * (c - cx) + sin * (f - cy) + cx + tx,
+            -sin * a + cos * d,
+            -sin * b + cos * e,
+            -sin * (c - cx) + cos * (f - cy) + cy + ty,
+        )
     if params.crop_origin is None:
         left, top = round((w - img_size) / 2.0), round((h - img_size) / 2.0)
     else:
         left, top = params.crop_origin
-    remainder = translation_matrix(-left, -top) @ remainder
+    remainder = np.array([[a, b, c - left], [d, e, f - top], [0.0, 0.0, 1.0]])
     return GeometryPlan(source_box, resized, remainder, img_size)
 
 
 # --- applying a plan ---------------------------------------------------------------------------------
 
 
-def warp_image(image: Image.Image, plan: GeometryPlan, resample: Image.Resampling) -> Image.Image:
-    """Resample ``image`` (any PIL mode) by ``plan``; pixels from outside the source are 0."""
-    out = image.resize(plan.resized_size, resample, box=plan.source_box)
-    size = (plan.output_size, plan.output_size)
-    if out.size == size and np.allclose(plan.remainder, np.eye(3)):
-        return out
-    # PIL's AFFINE data maps *output* pixel-edge coordinates to *input* ones: shift by half a pixel on
-    # both sides of the inverse of the pixel-centre matrix.
-    inverse = translation_matrix(0.5, 0.5) @ np.linalg.inv(plan.remainder) @ translation_matrix(-0.5, -0.5)
-    data = tuple(float(v) for v in inverse[:2].reshape(-1))
-    return out.transform(size, Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=0)
+def _crop_of(remainder: np.ndarray) -> tuple[int, int, bool] | None:
+    """``(left, top, flipped)`` when ``remainder`` only crops at integer offsets (after an optional flip)."""
+    linear, shift = remainder[:2, :2], remainder[:2, 2]
+    if remainder[0, 0] not in (1.0, -1.0) or linear[0, 1] or linear[1, 0] or linear[1, 1] != 1.0:
+        return None
+    if not np.array_equal(shift, np.round(shift)):
+        return None
+    return int(-shift[0]), int(-shift[1]), bool(remainder[0, 0] < 0)
+
+
+def warp_image(image: Image.Image, plan: GeometryPlan, resample: Image.Resampling, reduction: int = 1) -> Image.Image:
+    """Resample ``image`` (any PIL mode) by ``plan``; pixels from outside the source are 0.
+
+    ``reduction``: ``image`` is the source decoded at ``1 / reduction`` of its size (a JPEG's draft mode):
+    pixel-edge coordinate ``u`` of the source is ``u / reduction`` in ``image``.
+    """
+    box = tuple(v / reduction for v in plan.source_box)
+    side = plan.output_size
+    crop = _crop_of(plan.remainder)
+    width, height = plan.resized_size
+    if crop is not None:
+        left, top, flipped = crop
+        if flipped:
+            # x_out = width - 1 - x_resized - left: the window starts at column width - side - left.
+            left = width - side - left
+        if 0 <= left <= width - side and 0 <= top <= height - side:
+            # Resizing the window alone gives the same filter taps as resizing the whole region and cropping.
+            scale_x, scale_y = (box[2] - box[0]) / width, (box[3] - box[1]) / height
+            window = (
+                box[0] + left * scale_x,
+                box[1] + top * scale_y,
+                box[0] + (left + side) * scale_x,
+                box[1] + (top + side) * scale_y,
+            )
+            out = image.resize((side, side), resample, box=window)
+            return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else out
+    out = image.resize(plan.resized_size, resample, box=box)
+    data = pil_affine_data(plan.remainder)
+    return out.transform((side, side), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=0)
+
+
+def pil_affine_data(matrix: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """PIL's ``AFFINE`` coefficients for the pixel-centre affine ``matrix (3, 3)``.
+
+    PIL's data maps *output* pixel-edge coordinates to *input* ones: the inverse of ``matrix``, shifted by
+    half a pixel on both sides.
+    """
+    (a, b, c), (d, e, f) = matrix[:2].tolist()
+    det = a * e - b * d
+    ia, ib, id_, ie = e / det, -b / det, -d / det, a / det
+    ic, if_ = -(ia * c + ib * f), -(id_ * c + ie * f)
+    # inverse(x + 0.5) - 0.5 in edge coordinates: the constant term gains 0.5 - 0.5 * (row sum).
+    return (ia, ib, ic + 0.5 - 0.5 * (ia + ib), id_, ie, if_ + 0.5 - 0.5 * (id_ + ie))
 
 
 def transform_keypoints(keypoints: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
@@ -221,15 +294,14 @@ def transform_keypoints(keypoints: np.ndarray, matrix: np.ndarray, size: int) ->
 
     Points that land outside ``[0, S-1]^2`` become invisible; invisible points are set to ``(0, 0, 0)``.
     """
-    out = np.zeros((keypoints.shape[0], 3), dtype=np.float32)
-    if keypoints.shape[0] == 0:
-        return out
-    xy = apply_matrix(matrix, keypoints[:, :2].astype(np.float64))
-    inside = np.all((xy >= 0.0) & (xy <= size - 1.0), axis=1)
-    visible = (keypoints[:, 2] > 0) & inside
-    out[visible, :2] = xy[visible]
-    out[visible, 2] = 1.0
-    return out
+    # A loop over a few dozen points in Python floats: a dozen numpy calls on (P, 2) arrays cost more.
+    (a, b, c), (d, e, f) = matrix[:2].tolist()
+    last = size - 1.0
+    rows = []
+    for x, y, flag in keypoints.tolist():
+        u, v = a * x + b * y + c, d * x + e * y + f
+        rows.append((u, v, 1.0) if flag > 0 and 0.0 <= u <= last and 0.0 <= v <= last else (0.0, 0.0, 0.0))
+    return np.array(rows, dtype=np.float32).reshape(-1, 3)
 
 
 def transform_box(box: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
@@ -237,11 +309,17 @@ def transform_box(box: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
 
     The result is clipped to ``[0, S-1]``; a box mapped entirely outside collapses onto the border.
     """
-    x_min, y_min, x_max, y_max = (float(v) for v in box)
-    corners = np.array([[x_min, y_min], [x_max, y_min], [x_min, y_max], [x_max, y_max]])
-    mapped = apply_matrix(matrix, corners)
-    hull = np.concatenate([mapped.min(axis=0), mapped.max(axis=0)])
-    return np.clip(hull, 0.0, size - 1.0).astype(np.float32)
+    hull = _mapped_hull(matrix, *(float(v) for v in box))
+    return np.array([min(max(v, 0.0), size - 1.0) for v in hull], dtype=np.float32)
+
+
+def _mapped_hull(matrix: np.ndarray, left: float, top: float, right: float, bottom: float) -> list[float]:
+    """``[x_min, y_min, x_max, y_max]`` of the rectangle's four corners mapped by ``matrix``, in Python floats."""
+    (a, b, c), (d, e, f) = matrix[:2].tolist()
+    corners = ((left, top), (right, top), (left, bottom), (right, bottom))
+    xs = [a * x + b * y + c for x, y in corners]
+    ys = [d * x + e * y + f for x, y in corners]
+    return [min(xs), min(ys), max(xs), max(ys)]
 
 
 def transform_box_edges(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -253,10 +331,7 @@ def transform_box_edges(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     (:func:`ivpt.metrics.kpr_box`).
     """
     x_min, y_min, x_max, y_max = (float(v) for v in box)
-    left, top, right, bottom = x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5
-    corners = np.array([[left, top], [right, top], [left, bottom], [right, bottom]])
-    mapped = apply_matrix(matrix, corners)
-    return np.concatenate([mapped.min(axis=0), mapped.max(axis=0)]).astype(np.float32)
+    return np.array(_mapped_hull(matrix, x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5), dtype=np.float32)
 
 
 class SampleTransform:
@@ -275,6 +350,9 @@ class SampleTransform:
         self.augment = augment
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add per element.
+        self._scale = 1.0 / (255.0 * self.std)
+        self._offset = -self.mean / self.std
 
     def plan(
         self,
@@ -290,10 +368,23 @@ class SampleTransform:
         params = sample_augment_params(self.augment, resized, self.img_size, generator)
         return plan_geometry(width, height, self.img_size, params, crop_box)
 
+    def max_reduction(self, width: int, height: int, crop_box: Sequence[float] | None = None) -> float:
+        """How many times smaller a ``width x height`` source could be decoded (see :attr:`GeometryPlan.max_reduction`).
+
+        The random choices only change the warp after the resize, so no draw is needed.
+        """
+        return _max_reduction(*resize_geometry(width, height, self.img_size, crop_box))
+
     def to_tensor(self, image: Image.Image) -> Tensor:
-        """``(3, S, S)`` normalised tensor from an RGB PIL image."""
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        return (torch.from_numpy(array).permute(2, 0, 1) - self.mean) / self.std
+        """``(3, H, W)`` normalised, contiguous float tensor from an RGB PIL image."""
+        with warnings.catch_warnings():
+            # The bytes are only read (converted into a new tensor), never written.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+            packed = torch.frombuffer(image.tobytes(), dtype=torch.uint8)
+        pixels = packed.view(image.height, image.width, 3).permute(2, 0, 1)
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+        out.copy_(pixels)
+        return out.mul_(self._scale).add_(self._offset)
 
     def __call__(
         self,
@@ -304,6 +395,8 @@ class SampleTransform:
         *,
         crop_box: Sequence[float] | None = None,
         generator: torch.Generator | None = None,
+        source_size: tuple[int, int] | None = None,
+        reduction: int = 1,
     ) -> dict[str, Tensor]:
         """Transform one sample.
 
@@ -311,19 +404,24 @@ class SampleTransform:
             image: RGB source image.
             keypoints: ``(P, 3)`` source keypoints ``(x, y, visible)``.
             box: ``(4,)`` source box ``(x_min, y_min, x_max, y_max)``.
-            mask: optional ``"F"`` or ``"L"`` image (foreground probability, ``"L"`` scaled by 1/255).
+            mask: optional ``"F"`` or ``"L"`` image (foreground probability, ``"L"`` scaled by 1/255) of
+                the source's full size.
             crop_box: resize this box to the output instead of the whole image (``bbox_crop`` mode).
             generator: RNG for the random choices (torch's global RNG when ``None``).
+            source_size: ``(W, H)`` of the source when ``image`` was decoded smaller (default: its own size).
+            reduction: ``image`` is the source decoded at ``1 / reduction`` of its size (keypoints, boxes
+                and masks stay in the source's coordinates).
 
         Returns:
             ``image (3, S, S)``, ``keypoints (P, 3)``, ``bbox (4,)`` (clipped to the output),
             ``bbox_edges (4,)`` (the box's edges, not clipped: :func:`transform_box_edges`) and, with a
             mask, ``mask (S, S)``.
         """
-        plan = self.plan(image.width, image.height, crop_box, generator)
+        width, height = source_size if source_size is not None else image.size
+        plan = self.plan(width, height, crop_box, generator)
         matrix = plan.matrix
         sample = {
-            "image": self.to_tensor(warp_image(image, plan, Image.Resampling.BILINEAR)),
+            "image": self.to_tensor(warp_image(image, plan, Image.Resampling.BILINEAR, reduction)),
             "keypoints": torch.from_numpy(transform_keypoints(keypoints, matrix, self.img_size)),
             "bbox": torch.from_numpy(transform_box(box, matrix, self.img_size)),
             "bbox_edges": torch.from_numpy(transform_box_edges(box, matrix)),
@@ -380,8 +478,10 @@ __all__ = [
     "apply_matrix",
     "hflip_matrix",
     "image_transform",
+    "pil_affine_data",
     "plan_geometry",
     "region_resize_matrix",
+    "resize_geometry",
     "rotation_scale_matrix",
     "sample_augment_params",
     "short_side_size",

@@ -390,12 +390,23 @@ class _Evaluation:
         )
         for number, batch in self._batches(cropped, f"{self.split} split, cropped to the boxes"):
             images = batch["image"].to(self.device, non_blocking=True)
-            clean = self._forward(images).concept_maps
             noisy = None
             if "stability" in meters:
                 generator = self._generator(_STABILITY_STREAM, number)
                 noisy_images = add_stability_noise(images, generator, std=ev.noise_std, clip=ev.noise_clip)
-                noisy = self._forward(noisy_images).concept_maps
+                if self.device.type == "cuda":
+                    # One forward of the clean and the noisy crops (a model in eval mode treats each image
+                    # alone): half the forwards' fixed cost, the many small kernels of the concept stages.
+                    # Not on the CPU, where a forward's cost per image grows with the batch (the demo's ViT:
+                    # 11.0 ms per image at 64 images, 12.9 at 128).
+                    both = self._forward(torch.cat([images, noisy_images])).concept_maps
+                    clean = [maps[: len(images)] for maps in both]
+                    noisy = [maps[len(images) :] for maps in both]
+                else:
+                    clean = self._forward(images).concept_maps
+                    noisy = self._forward(noisy_images).concept_maps
+            else:
+                clean = self._forward(images).concept_maps
             labels = batch["label"].to(self.device)
             for stage, maps in enumerate(clean):
                 clean_hits = None

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 # Mixes (seed, epoch, index) into one 63-bit seed; odd 64-bit constants from splitmix64.
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -68,17 +68,27 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, epoch = key
+        if get_worker_info() is not None:
+            # A loader worker's random state belongs to nobody else: no need to save and restore it
+            # (restoring NumPy's alone costs ~0.2 ms a sample).
+            return self.draw(index, epoch)
+        torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            return self.draw(index, epoch)
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    def draw(self, index: int, epoch: int) -> Any:
+        """Sample ``index`` of ``epoch``, leaving the CPU generators seeded for it (what a worker does)."""
         seed = sample_seed(self.seed, epoch, index)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % (1 << 32))
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+        # torch's CPU generator only: torch.manual_seed would also reseed every CUDA device's generator
+        # (the training's own stream when samples load in the main process) and costs ~0.4 ms a call.
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        return self.dataset[index]
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,40 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """:func:`torch.compile` every transformer block of ``model.backbone`` in place; returns their number.
+
+    Compiling the blocks rather than the whole model ("regional compilation") keeps the prototype stages,
+    losses and metrics eager and compiles one graph that all the blocks share (they run the same code on
+    weights of the same shapes), so compiling takes about as long for 12 blocks as for one. Prompted
+    blocks see longer token sequences, which makes torch recompile that graph once with a dynamic length.
+    Compiled kernels are cached on disk by torch (``TORCHINDUCTOR_CACHE_DIR``, by default
+    ``/tmp/torchinductor_$USER``), so later runs with the same shapes load them instead of compiling.
+    """
+    bare = model.module if isinstance(model, DistributedDataParallel) else model
+    blocks = bare.backbone.blocks
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """Hits and misses of torch's on-disk compile caches (inductor's FX graphs, AOTAutograd) in this process."""
+    from torch._dynamo.utils import counters
+
+    inductor, autograd = counters["inductor"], counters["aot_autograd"]
+    return {
+        "hits": int(inductor["fxgraph_cache_hit"] + autograd["autograd_cache_hit"]),
+        "misses": int(inductor["fxgraph_cache_miss"] + autograd["autograd_cache_miss"]),
+    }
+
+
 def uses_equivariance(cfg: Config) -> bool:
     """Whether training runs the second, transformed pass (the equivariance loss is on and can apply)."""
     return cfg.loss.equivariance > 0 and cfg.model.method not in METHODS_WITHOUT_MAPS
@@ -68,7 +103,9 @@ class TrainStep:
         grad_clip: maximum total gradient norm (0: no clipping).
         affine_generator: generator on the model's device that draws the equivariance transforms;
             ``None`` turns the transformed pass off.
-        compile: run the forward through :func:`torch.compile`.
+        compile: :func:`torch.compile` each transformer block of the model's backbone (in place, see
+            :func:`compile_blocks`); the first call then compiles, and :attr:`compile_seconds` says how long
+            it took.
         joint_transformed_pass: run the transformed batch in the same ``2B`` autograd forward as the
             original even when the model offers ``forward_without_backbone_grad`` (the same gradients,
             more work; for comparisons).
@@ -78,6 +115,8 @@ class TrainStep:
         optimizer_steps: optimizer steps taken by this object.
         last_grad_norm: ``()`` tensor, the gradient norm before clipping at the last optimizer step
             (``None`` before the first step or without clipping).
+        compile_seconds: with ``compile``, the wall time of the first call (compilation and that step's
+            own work); ``None`` before it and without ``compile``.
     """
 
     def __init__(
@@ -109,15 +148,17 @@ class TrainStep:
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
         self.affine_generator = affine_generator
-        self.forward = torch.compile(model) if compile else model
+        self.forward = model
         # The transformed pass goes through the bare module even under DDP: its outputs carry gradient
         # only to parameters the main pass uses as well, so autograd accumulates each of them once and
         # DDP's hooks see one gradient per parameter, as without the second pass.
         bare = model.module if isinstance(model, DistributedDataParallel) else model
         view_forward = None if joint_transformed_pass else getattr(bare, "forward_without_backbone_grad", None)
-        if view_forward is not None and compile:
-            view_forward = torch.compile(view_forward)
         self.forward_transformed: Callable[[Tensor], Any] | None = view_forward
+        self.compile_seconds: float | None = None
+        self._time_first_call = compile
+        if compile:
+            compile_blocks(bare)
         self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
         self.micro_step = 0
         self.optimizer_steps = 0
@@ -125,6 +166,14 @@ class TrainStep:
 
     def __call__(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Train on ``images (B, 3, H, W)`` with ``labels (B,)``; returns the detached loss terms (fp32 ``()``)."""
+        if self._time_first_call:
+            self._time_first_call = False
+            synchronize(self.device)
+            start = time.perf_counter()
+            terms = self(images, labels)
+            synchronize(self.device)
+            self.compile_seconds = time.perf_counter() - start
+            return terms
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         closes_group = self.micro_step + 1 == self.grad_accum
@@ -248,5 +297,8 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_train_step",
+    "compile_blocks",
+    "compile_cache_counts",
+    "synchronize",
     "uses_equivariance",
 ]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ivpt.checkpoint import (
@@ -119,6 +119,29 @@ def train(cfg: Config, resume: str | None = "auto") -> dict[str, Any] | None:
     return summary if ctx.is_main else None
 
 
+def train_loader(cfg: Config, dataset: Dataset, sampler: EpochSampler, ctx: DistributedContext) -> DataLoader:
+    """The training data loader: ``cfg.data.num_workers`` workers, pinned memory on CUDA, seeded samples.
+
+    Args:
+        cfg: the run's config (``train.batch_size``, ``train.seed``, ``data.num_workers``).
+        dataset: the training split.
+        sampler: this rank's share of each epoch (``EpochSampler`` over ``dataset``).
+        ctx: where this process computes (pinned memory for CUDA) and its rank (worker seeds).
+    """
+    return DataLoader(
+        SeededSamples(dataset, cfg.train.seed),
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        worker_init_fn=worker_init_fn,
+        # Worker seeds come from this generator, not the global one: starting a loader mid-epoch
+        # after a resume must not shift the global stream (Gumbel noise) against the original run.
+        generator=torch.Generator().manual_seed(cfg.train.seed + ctx.rank),
+    )
+
+
 class Trainer:
     """One training run; :meth:`run` does everything :func:`train` promises."""
 
@@ -148,18 +171,7 @@ class Trainer:
                 f"{cfg.train.batch_size} x {cfg.train.grad_accum} x {ctx.world_size} exceeds the "
                 f"{len(self.train_set)} training images: not one optimizer step fits in an epoch"
             )
-        self.loader = DataLoader(
-            SeededSamples(self.train_set, cfg.train.seed),
-            batch_size=cfg.train.batch_size,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=cfg.data.num_workers,
-            pin_memory=ctx.device.type == "cuda",
-            worker_init_fn=worker_init_fn,
-            # Worker seeds come from this generator, not the global one: starting a loader mid-epoch
-            # after a resume must not shift the global stream (Gumbel noise) against the original run.
-            generator=torch.Generator().manual_seed(cfg.train.seed + ctx.rank),
-        )
+        self.loader = train_loader(cfg, self.train_set, self.sampler, ctx)
 
         self.model = build_model(cfg, num_classes=len(self.class_names)).to(ctx.device)
         # The frozen backbone tensors that timm's pretrained weights re-create stay out of the checkpoints;
@@ -186,6 +198,7 @@ class Trainer:
         self.logger = RunLogger(self.out_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard)
         self._last_losses: dict[str, float] = {}
         self._interrupt: DeferredInterrupt | None = None
+        self._compile_logged = False
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -256,6 +269,9 @@ class Trainer:
                 break
             window.add(self.step(batch["image"], batch["label"]), batch["image"].shape[0])
             bar.update(1)
+            if self.step.compile_seconds is not None and not self._compile_logged:
+                self._compile_logged = True
+                self._log_compile()
             if self.step.micro_step != 0:
                 continue
             progress.step += 1
@@ -342,6 +358,15 @@ class Trainer:
         self.logger.log("train", self.progress.step, **record)
         shown = {name: f"{value:.3f}" for name, value in means.items() if value}  # skip switched-off terms
         bar.set_postfix(shown, refresh=False)
+
+    def _log_compile(self) -> None:
+        """How long ``train.compile`` took: the first step's wall time, and torch's compile-cache hits."""
+        from ivpt.engine.step import compile_cache_counts
+
+        seconds = round(float(self.step.compile_seconds or 0.0), 2)
+        self.logger.log("compile", self.progress.step, first_step_s=seconds, cache=compile_cache_counts())
+        if self.ctx.is_main and self.cfg.train.progress:
+            tqdm.write(f"ivpt train: compiled the backbone's blocks in the first step ({seconds:.1f} s)")
 
     def _validate(self) -> bool:
         """Accuracy on the validation split; returns whether it is the best so far."""
@@ -525,4 +550,4 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-__all__ = ["Progress", "Trainer", "train"]
+__all__ = ["Progress", "Trainer", "train", "train_loader"]
