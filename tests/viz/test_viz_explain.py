@@ -303,3 +303,39 @@ def test_cli_explain_takes_overrides_in_eval_form(
     )
     assert main(["explain", "eval.stage=-2", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
     assert "no image given" in capsys.readouterr().err
+
+
+def test_non_square_model_is_explained_without_cfg() -> None:
+    """A model on (H, W) inputs: the image is scaled to cover H x W and centre-cropped, then explained."""
+    from ivpt.data.transforms import image_transform
+    from ivpt.model import create_model
+
+    model = create_model(
+        "vit_tiny_patch16_224", num_classes=3, img_size=(32, 48), n_pro=(5, 4, 3),
+        backbone_args={"patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2},
+    ).eval()
+    # 120 x 40 source: scaled by max(48 / 120, 32 / 40) = 0.8 to 96 x 32, of which the centre 48 columns
+    # (source columns 30..90) are kept. Columns 0..29 are red, 30..59 green, 60..89 blue, 90.. white.
+    source = np.zeros((40, 120, 3), dtype=np.uint8)
+    source[:, :30] = (255, 0, 0)
+    source[:, 30:60] = (0, 255, 0)
+    source[:, 60:90] = (0, 0, 255)
+    source[:, 90:] = 255
+    image = Image.fromarray(source)
+    mean, std = model.preprocessing.mean, model.preprocessing.std
+    pixels = image_transform((32, 48), mean, std)(image)
+    assert pixels.shape == (3, 32, 48)
+    rgb = pixels * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    # Away from the window's edges (the filter reaches one source pixel beyond them) and from the one
+    # boundary inside it (column 24), the left half is green and the right half blue: red and white lie
+    # outside the window.
+    assert torch.allclose(rgb[:, :, 2:22].mean(dim=(1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=1e-3)
+    assert torch.allclose(rgb[:, :, 26:46].mean(dim=(1, 2)), torch.tensor([0.0, 0.0, 1.0]), atol=1e-3)
+
+    info = ivpt.explain(model, image)
+    assert info["image"].shape == (32, 48, 3)
+    assert info["concept_maps"][-1].shape == (3, 4, 6)
+    assert info["predicted"]["index"] == int(model(pixels[None]).logits.argmax())
+    assert all(abs(sum(stage["areas"]) - 1.0) < 1e-5 for stage in info["stages"])
+    with pytest.raises(IVPTError, match="makes square images; the model takes 32 x 48"):
+        ivpt.transforms_for(model, train=True)

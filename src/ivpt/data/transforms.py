@@ -435,12 +435,25 @@ class SampleTransform:
 
 
 def image_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], augment: Augment = "none"
+    img_size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float], augment: Augment = "none"
 ) -> Callable[[Image.Image], Tensor]:
-    """A bare image's transform: any PIL image -> normalised ``(3, img_size, img_size)`` tensor.
+    """A bare image's transform: any PIL image -> normalised ``(3, H, W)`` tensor.
 
-    ``augment="none"`` is the test transform; the others draw from torch's global RNG.
+    ``augment="none"`` is the test transform; the others draw from torch's global RNG. ``img_size`` is
+    ``S`` (``H = W = S``), or ``(H, W)`` for a model on non-square inputs: the image is then scaled to
+    cover ``H x W`` and its centre ``H x W`` window is kept (the square test transform's rule, in one
+    resample), which only the test transform supports.
     """
+    if not isinstance(img_size, int):
+        height, width = (int(v) for v in img_size)
+        if height == width:
+            img_size = height
+        elif augment != "none":
+            raise IVPTError(
+                f"the training augmentation '{augment}' makes square images; the model takes {height} x {width}"
+            )
+        else:
+            return _cover_and_crop_transform(height, width, mean, std)
     transform = SampleTransform(img_size, augment, mean, std)
     no_keypoints = np.zeros((0, 3), dtype=np.float32)
 
@@ -452,8 +465,25 @@ def image_transform(
     return apply
 
 
+def _cover_and_crop_transform(
+    height: int, width: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Image.Image], Tensor]:
+    """The test transform for ``H != W``: scale to cover ``H x W``, keep the centre window, normalise."""
+    normalise = SampleTransform(max(height, width), "none", mean, std).to_tensor
+
+    def apply(image: Image.Image) -> Tensor:
+        rgb = image.convert("RGB")
+        scale = max(width / rgb.width, height / rgb.height)
+        window_w, window_h = width / scale, height / scale
+        left, top = (rgb.width - window_w) / 2.0, (rgb.height - window_h) / 2.0
+        box = (left, top, left + window_w, top + window_h)
+        return normalise(rgb.resize((width, height), Image.Resampling.BILINEAR, box=box))
+
+    return apply
+
+
 def transforms_for(model: Any, train: bool = False, augment: Augment = "paper") -> Callable[[Image.Image], Tensor]:
-    """The transform a model needs: PIL image -> normalised ``(3, S, S)`` tensor, as in training and evaluation.
+    """The transform a model needs: PIL image -> normalised ``(3, H, W)`` tensor, as in training and evaluation.
 
     Args:
         model: an ivpt model (its ``preprocessing``: input size, mean, std).
@@ -461,12 +491,12 @@ def transforms_for(model: Any, train: bool = False, augment: Augment = "paper") 
         augment: ``"paper"``, ``"flip"`` or ``"none"`` for ``train=True``.
 
     Raises:
-        IVPTError: the model records no preprocessing, or takes non-square images.
+        IVPTError: the model records no preprocessing, or takes non-square images and ``train=True``
+            (the training augmentations make square images).
     """
     prep = getattr(model, "preprocessing", None)
-    if prep is None or not isinstance(prep.img_size, int):
-        found = "no preprocessing" if prep is None else f"non-square inputs {prep.img_size}"
-        raise IVPTError(f"transforms_for: ivpt's transforms need a model of square input size; it has {found}")
+    if prep is None:
+        raise IVPTError("transforms_for: the model records no preprocessing (input size, mean, std)")
     return image_transform(prep.img_size, prep.mean, prep.std, augment if train else "none")
 
 

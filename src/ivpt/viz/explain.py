@@ -53,10 +53,10 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def _preprocess(image: ImageInput, prep: Preprocessing) -> Tensor:
-    """The test transform (short side to ``img_size``, centre crop, normalise) -> ``(3, S, S)``."""
+    """The test transform (short side to ``img_size``, centre crop, normalise) -> ``(3, H, W)``."""
     from ivpt.data.transforms import image_transform
 
-    img_size = prep.img_size
+    height, width = _input_size(prep)
 
     if isinstance(image, Tensor):
         if image.dtype == torch.uint8:
@@ -70,15 +70,21 @@ def _preprocess(image: ImageInput, prep: Preprocessing) -> Tensor:
             image = Image.fromarray(np.ascontiguousarray(array))
         else:
             normalised = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
-            if tuple(normalised.shape) != (3, img_size, img_size):
+            if tuple(normalised.shape) != (3, height, width):
                 raise IVPTError(
-                    f"explain: a float image tensor must be a normalised (3, {img_size}, {img_size}) image "
+                    f"explain: a float image tensor must be a normalised (3, {height}, {width}) image "
                     f"(the test transform's output), got {tuple(image.shape)}"
                 )
             return normalised.float()
     elif not isinstance(image, Image.Image):
         image = load_image(image)
-    return image_transform(img_size, prep.mean, prep.std)(image)
+    return image_transform(prep.img_size, prep.mean, prep.std)(image)
+
+
+def _input_size(prep: Preprocessing) -> tuple[int, int]:
+    """``(H, W)`` of the model's inputs."""
+    size = prep.img_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _model_preprocessing(model: nn.Module) -> Preprocessing:
@@ -127,7 +133,8 @@ def explain(
             put back in its previous mode afterwards.
         image: a PIL image, an image file path, a uint8 tensor ``(3, H, W)`` / ``(H, W, 3)`` (all three go
             through the test transform), or a float tensor ``(3, S, S)`` that is already transformed
-            and normalised (e.g. ``dataset[i]["image"]``), used as is.
+            and normalised (e.g. ``dataset[i]["image"]``), used as is. Models on non-square ``(H, W)``
+            inputs take ``(3, H, W)``; images are scaled to cover ``H x W`` and centre-cropped.
         cfg: the model's config: ``cfg.model.img_size`` and ``cfg.data.mean/std`` define the test
             transform (unset ones: the backbone's). Without it the model's own ``preprocessing`` is used.
         class_names: names for the class indices (default ``"class <i>"``).
@@ -149,7 +156,7 @@ def explain(
           the image each concept claims], "groups_into_stage": t or None, "grouping": (K_s - 1) x N_t
           weights or None}`` (the last stage holds the final parts);
 
-        and the drawing arrays ``image`` (``(S, S, 3)`` uint8, the transformed input) and
+        and the drawing arrays ``image`` (``(H, W, 3)`` uint8, the transformed input) and
         ``concept_maps`` (per stage ``(K_s, h, w)`` float32 arrays).
 
         With ``disable`` (even an empty one) everything above describes the intervened model (a
@@ -165,9 +172,6 @@ def explain(
     from ivpt.model.intervention import Intervention
 
     prep = preprocessing_of(cfg) if cfg is not None else _model_preprocessing(model)
-    if not isinstance(prep.img_size, int):
-        raise IVPTError(f"explain: ivpt's test transform makes square images, the model takes {prep.img_size}")
-    img_size = prep.img_size
     pixels = _preprocess(image, prep)
     intervention = None
     if disable is not None:
@@ -206,7 +210,7 @@ def explain(
         record: dict[str, Any] = {
             "stage": stage + 1,
             "num_concepts": int(stage_maps.shape[0]),
-            "areas": region_areas(stage_maps, (img_size, img_size)).tolist(),
+            "areas": region_areas(stage_maps, _input_size(prep)).tolist(),
             "groups_into_stage": targets[stage] + 1 if grouped else None,
             "grouping": output.groupings[stage][0].float().cpu().tolist() if grouped else None,
         }
