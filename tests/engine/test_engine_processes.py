@@ -29,6 +29,12 @@ def environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def default_sigint() -> None:
+    # A suite started in the background inherits SIGINT ignored, and Python (rightly) leaves an ignored
+    # SIGINT alone; the child must start with the default disposition to see the interrupt at all.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for_step_checkpoint(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -76,7 +82,10 @@ def test_ctrl_c_saves_last_pt_and_the_run_resumes_exactly(tiny_overrides, tmp_pa
     out = tmp_path / "interrupted"
     overrides = tiny_overrides("train.epochs=40", f"train.out_dir={out}")
     command = [sys.executable, "-m", "ivpt.cli", "train", *overrides]
-    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_sigint,
+    )
     deadline = time.monotonic() + 120
     while not any(r["event"] == "train" and r["step"] >= 2 for r in _records(out / "log.jsonl")):
         assert process.poll() is None and time.monotonic() < deadline, "training ended or stalled before step 2"
