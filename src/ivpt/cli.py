@@ -69,6 +69,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ivpt.engine.evaluate import evaluate_checkpoint
 
+    if args.oracle:
+        from ivpt.engine.oracle import evaluate_checkpoint_oracles
+
+        evaluate_checkpoint_oracles(args.checkpoint, overrides=args.overrides, out_dir=args.out)
+        return 0
     metrics = args.metrics.split(",") if args.metrics else None
     evaluate_checkpoint(args.checkpoint, overrides=args.overrides, metrics=metrics, out_dir=args.out)
     return 0
@@ -251,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "faithfulness (default: all that the data set supports)",
     )
     p.add_argument("--out", metavar="DIR", help="write DIR/metrics.json (default: beside the checkpoint)")
+    p.add_argument(
+        "--oracle",
+        action="store_true",
+        help="instead, score the data set's true part masks and two image-blind maps with the same protocols, "
+        "shaped like the checkpoint's scored stage (needs part_masks/); writes DIR/oracle.json",
+    )
     _add_config_args(p, with_file=False)
 
     p = add("explain", _cmd_explain, "Explain single images: concept maps, part evidence, hierarchy.")
@@ -342,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--family",
-        choices=["default", "pretrain"],
+        choices=["default", "pretrain", "generic"],
         default="default",
-        help="class definitions: 'default' (the downstream task) or 'pretrain' (other parts and colours)",
+        help="class definitions: 'default' (the downstream task), 'pretrain' (other parts and colours) or "
+        "'generic' (no classes: every attribute drawn per image)",
     )
 
     p = add("data-check", _cmd_data_check, "Validate a data set folder and print a JSON summary.")
@@ -366,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Train the small demo ViT on separate synthetic data (reproduces the shipped weights).",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
-    from ivpt.demo.recipe import APPEARANCE_STYLES, TOKEN_STRIDES, PretrainRecipe
+    from ivpt.demo.recipe import APPEARANCE_STYLES, PRETRAIN_FAMILIES, TOKEN_STRIDES, PretrainRecipe
 
     default = PretrainRecipe()
     recipe_options: dict[str, tuple[type, str]] = {
@@ -380,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
         "appearance_weight": (float, "weight of the per-token appearance term"),
         "attribute_weight": (float, "weight of the class-attribute term (0: no class labels)"),
         "part_appearance_weight": (float, "weight of the per-token description of its whole part (0: off)"),
+        "part_weight": (float, "weight of the two dense part terms (0: off)"),
+        "distill_weight": (float, "weight of the self-distillation terms, views with masked tokens (0: off)"),
+        "compute": (float, "train for this multiple of the earlier shipped file's compute instead of --epochs"),
     }
     for name, (kind, text) in recipe_options.items():
         value = getattr(default, name)
@@ -390,6 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=APPEARANCE_STYLES,
         default=default.appearance,
         help=f"what the per-token appearance targets describe (default {default.appearance})",
+    )
+    p.add_argument(
+        "--snapshots",
+        type=lambda text: tuple(float(v) for v in text.split(",") if v.strip()),
+        default=default.snapshots,
+        metavar="C1,C2,...",
+        help="with --compute: also write a finished backbone at each of these smaller compute multiples "
+        "(OUT_c<C>.safetensors), branched off one run whose rate stays constant until its last fifth",
+    )
+    p.add_argument(
+        "--family",
+        choices=PRETRAIN_FAMILIES,
+        default=default.family,
+        help=f"synthetic images to pretrain on: 'generic' has no classes (default {default.family})",
     )
     p.add_argument(
         "--token-stride",

@@ -12,6 +12,9 @@ APPEARANCE_STYLES = ("cell", "rich")
 # Pixels per token side the demo ViT's stem can give: the first 1, 2 or 3 of its resolutions halve the image
 # (:data:`ivpt.model.demo_vit.TOKEN_STRIDES`, written out here so that the command line needs no torch).
 TOKEN_STRIDES = (2, 4, 8)
+# Synthetic families the backbone can be pretrained on (ivpt.data.synthetic.FAMILIES): "generic" has no
+# classes, "pretrain" classes defined by parts the demo's classes do not use.
+PRETRAIN_FAMILIES = ("generic", "pretrain")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,15 @@ class PretrainRecipe:
             shape), so that a part's tokens, pooled, describe it. 0 switches it off.
         token_stride: pixels per token side of the trained ViT (4: a 16 x 16 grid at 64 px, the shipped
             weights; 8: an 8 x 8 grid at a quarter of the transformer's cost; 2: 32 x 32).
+        family: the synthetic family the images are drawn from, one of :data:`PRETRAIN_FAMILIES`.
+        part_weight: weight of the two dense part terms (per-token part shares, and their squared-distance
+            form; 0 switches both off).
+        distill_weight: weight of the two self-distillation terms (:mod:`ivpt.demo.distill`; 0: off).
+        compute: when set, train for this multiple of the earlier shipped file's compute (its backbone passes,
+            :func:`ivpt.demo.pretrain.compute_multiple`) instead of ``epochs`` epochs; the last epoch may be cut.
+        snapshots: smaller compute multiples (with ``compute`` set) at which a finished backbone is also written,
+            for a scaling curve from one run: the rate stays constant after the warm-up, and each snapshot
+            branches off and decays it over the last fifth of its own compute, as the run does at its end.
     """
 
     seed: int = 0
@@ -54,6 +66,11 @@ class PretrainRecipe:
     attribute_weight: float = 0.1
     part_appearance_weight: float = 0.0
     token_stride: int = 4
+    family: Literal["generic", "pretrain"] = "pretrain"
+    part_weight: float = 1.0
+    distill_weight: float = 0.0
+    compute: float | None = None
+    snapshots: tuple[float, ...] = ()
 
 
-__all__ = ["APPEARANCE_STYLES", "PRETRAIN_CLASSES", "TOKEN_STRIDES", "PretrainRecipe"]
+__all__ = ["APPEARANCE_STYLES", "PRETRAIN_CLASSES", "PRETRAIN_FAMILIES", "TOKEN_STRIDES", "PretrainRecipe"]

@@ -8,7 +8,10 @@
 4. explain a few test images with IVPT (:func:`ivpt.viz.explain.explain_files`, ``ivpt explain``) and
    write its HTML report (:func:`ivpt.viz.report.build_report`, ``ivpt report``; its concept statistics
    gathered during IVPT's scoring pass over the test split, not in a pass of their own);
-5. print a table and write ``OUT/results.json``.
+5. score the data set's true part masks and two sets of maps that ignore the image with the same
+   protocols (:mod:`ivpt.engine.oracle`, ``ivpt eval --oracle``): the ``oracle``, ``fixed_parts`` and
+   ``fixed_grid`` rows that every other row is read between;
+6. print a table and write ``OUT/results.json``.
 
 Every step is the function behind a CLI command, called with the config a user would pass: each run's
 ``OUT/runs/<method>/config.yaml`` reproduces it with ``ivpt train -c``.
@@ -214,9 +217,24 @@ def demo_config(
     return cfg
 
 
-def table_row(results: dict[str, Any]) -> dict[str, Any]:
-    """The table's metrics from ``ivpt eval`` results, and the notes that explain any ``None`` among them."""
+# What the oracle rows are, in results.json's notes and under the printed table.
+ORACLE_NOTES: dict[str, str] = {
+    "oracle": "the true part masks scored as concept maps (one per part and the background, at the scored "
+    "stage's resolution); accuracy: a linear probe on the frozen backbone's tokens pooled over the true parts",
+    "fixed_parts": "maps that ignore the image: one peak per part at its mean keypoint location over the "
+    "training images (in the box crop for consistency and stability); no classifier",
+    "fixed_grid": "maps that ignore the image: one peak per concept of IVPT's scored stage on a fixed grid; "
+    "no classifier",
+}
+
+
+def table_row(results: dict[str, Any], oracle: str | None = None) -> dict[str, Any]:
+    """The table's metrics from ``ivpt eval`` results, and the notes that explain any ``None`` among them
+    (for an ``oracle`` row, one of :data:`ORACLE_NOTES`'s keys: what the row is)."""
     row: dict[str, Any] = {key: results.get(key) for key in TABLE_METRICS}
+    if oracle is not None:
+        row["notes"] = [ORACLE_NOTES[oracle]]
+        return row
     row["notes"] = [str(note) for note in results.get("notes", []) if str(note).split(":", 1)[0] in _NOTED_METRICS]
     return row
 
@@ -233,6 +251,9 @@ def format_results(rows: dict[str, dict[str, Any]]) -> str:
         "faithfulness = drop when the top part is removed minus drop for a random region)"
     )
     for method, row in rows.items():
+        if method in ORACLE_NOTES:
+            lines.append(f"note: {method}: {ORACLE_NOTES[method]}")
+            continue
         missing = [key for key in TABLE_METRICS if row[key] is None]
         if missing:
             # The full sentences are in results.json; one line per method keeps the table readable.
@@ -314,6 +335,7 @@ def run_demo(
     """
     from ivpt.demo.jobs import available_cores, default_jobs, method_groups, run_in_parallel, start_workers
     from ivpt.engine.evaluate import evaluate_checkpoint
+    from ivpt.engine.oracle import checkpoint_oracle_rows
     from ivpt.engine.report import build_report
     from ivpt.engine.trainer import train
     from ivpt.viz.concept_stats import ConceptStatisticsMeter
@@ -334,7 +356,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     if len(groups) > 1:
         start_workers()  # their imports then overlap with drawing the data set
-    steps = _Steps(total=1 + (2 * len(methods) if len(groups) == 1 else 2) + 2)
+    steps = _Steps(total=1 + (2 * len(methods) if len(groups) == 1 else 2) + 3)
 
     data_root, generated = steps.run(
         f"synthetic data: {plan.num_classes} classes x {plan.per_class} images in {out / 'data'}",
@@ -411,6 +433,13 @@ def run_demo(
         statistics=report_statistics.compute(),
     )
 
+    oracles = steps.run(
+        f"oracle rows: true part masks and image-blind maps (ivpt eval --oracle --checkpoint {checkpoints['ivpt']})",
+        checkpoint_oracle_rows,
+        checkpoints["ivpt"],
+    )
+    rows.update({name: table_row(results, oracle=name) for name, results in oracles.items()})
+
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     # The steps' wall-clock times sum to the total; side by side, each method's own times are given apart.
     timings: dict[str, Any] = {**steps.timings, "total": round(steps.elapsed, 1)}
@@ -432,6 +461,7 @@ __all__ = [
     "LEGACY_TOKEN_STRIDE",
     "METHODS",
     "METHOD_OVERRIDES",
+    "ORACLE_NOTES",
     "TABLE_METRICS",
     "DemoPlan",
     "backbone_file_overrides",
