@@ -218,6 +218,23 @@ def _cmd_pretrain_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optional_count(text: str) -> int | None:
+    """``--test-per-class``: a count, or ``none`` for half of ``--per-class``."""
+    return None if text.strip().lower() == "none" else int(text)
+
+
+def _optional_compute(text: str) -> float | None:
+    """``--compute``: a number, or ``none`` to train ``--epochs`` epochs instead."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def _compute_list(text: str) -> tuple[float, ...]:
+    """``--snapshots``: comma-separated compute multiples, or ``none``."""
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 
@@ -386,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "epochs": (int, "passes over the training images"),
         "num_classes": (int, "classes of the pretraining task, at most 100"),
         "per_class": (int, "images per class"),
-        "test_per_class": (int, "held-out images per class (default: half of --per-class)"),
+        "test_per_class": (_optional_count, "held-out images per class ('none': half of --per-class)"),
         "batch_size": (int, "training batch size"),
         "lr": (float, "peak learning rate"),
         "appearance_weight": (float, "weight of the per-token appearance term"),
@@ -394,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         "part_appearance_weight": (float, "weight of the per-token description of its whole part (0: off)"),
         "part_weight": (float, "weight of the two dense part terms (0: off)"),
         "distill_weight": (float, "weight of the self-distillation terms, views with masked tokens (0: off)"),
-        "compute": (float, "train for this multiple of the earlier shipped file's compute instead of --epochs"),
+        "compute": (_optional_compute, "this multiple of the earlier shipped file's compute ('none': --epochs)"),
     }
     for name, (kind, text) in recipe_options.items():
         value = getattr(default, name)
@@ -408,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--snapshots",
-        type=lambda text: tuple(float(v) for v in text.split(",") if v.strip()),
+        type=_compute_list,
         default=default.snapshots,
         metavar="C1,C2,...",
         help="with --compute: also write a finished backbone at each of these smaller compute multiples "

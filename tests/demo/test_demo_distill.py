@@ -35,7 +35,15 @@ from ivpt.errors import IVPTError
 
 # 3 groups x 8 generic images, 2 held out: 18 training images, batches of 4.
 GENERIC = PretrainRecipe(
-    seed=5, num_classes=3, per_class=8, test_per_class=2, batch_size=4, family="generic", attribute_weight=0.0
+    seed=5,
+    num_classes=3,
+    per_class=8,
+    test_per_class=2,
+    batch_size=4,
+    distill_weight=0.0,
+    part_appearance_weight=0.0,
+    compute=None,
+    snapshots=(),
 )
 # Compute that buys 6 dense steps of batch 4 (3 passes per image).
 SIX_DENSE_STEPS = 6 * 4 * 3 / REFERENCE_PASSES
@@ -125,12 +133,13 @@ def test_rate_multiplier_is_the_engines_cosine_without_snapshots() -> None:
 
 
 def test_compute_sets_the_steps_and_is_recorded(tmp_path: Path) -> None:
-    dense = PretrainRecipe(compute=SIX_DENSE_STEPS, batch_size=4)
-    distilled = PretrainRecipe(compute=SIX_DENSE_STEPS, batch_size=4, distill_weight=1.0)
+    dense = PretrainRecipe(compute=SIX_DENSE_STEPS, batch_size=4, distill_weight=0.0, snapshots=())
+    distilled = PretrainRecipe(compute=SIX_DENSE_STEPS, batch_size=4, distill_weight=1.0, snapshots=())
     assert training_steps(dense, steps_per_epoch=4) == 6
     assert training_steps(distilled, steps_per_epoch=4) == round(6 * 3 / 8)  # two views, student and teacher
-    assert training_steps(PretrainRecipe(epochs=3), steps_per_epoch=4) == 12
-    assert compute_multiple(PretrainRecipe(), 12 * (5000 // 32)) == pytest.approx(1.0)  # the reference recipe
+    assert training_steps(PretrainRecipe(epochs=3, compute=None, snapshots=()), steps_per_epoch=4) == 12
+    reference = PretrainRecipe(distill_weight=0.0)  # one view, no teacher, as the earlier shipped recipe
+    assert compute_multiple(reference, 12 * (5000 // 32)) == pytest.approx(1.0)
 
     recipe = PretrainRecipe(**{**GENERIC.__dict__, "compute": SIX_DENSE_STEPS})
     path = pretrain_backbone(tmp_path / "w.safetensors", recipe, device="cpu", diagnose=False, progress=False)
@@ -170,11 +179,14 @@ def test_distilled_runs_are_reproducible(tmp_path: Path) -> None:
     ("changes", "message"),
     [
         ({"family": "generic", "attribute_weight": 0.1}, "'generic' family has no classes"),
-        ({"snapshots": (0.1,)}, "--snapshots needs --compute"),
+        ({"compute": None, "snapshots": (0.1,)}, "--snapshots needs --compute"),
         ({"compute": 0.5, "snapshots": (0.5,)}, "between 0 and --compute"),
         ({"compute": -1.0}, "--compute must be a positive number"),
         ({"distill_weight": -1.0}, "--distill-weight must be a finite number >= 0"),
-        ({"attribute_weight": 0.0, "part_weight": 0.0, "appearance_weight": 0.0}, "every loss weight is 0"),
+        (
+            {"part_weight": 0.0, "appearance_weight": 0.0, "part_appearance_weight": 0.0, "distill_weight": 0.0},
+            "every loss weight is 0",
+        ),
     ],
 )
 def test_bad_recipes_are_refused_before_any_work(changes: dict, message: str, tmp_path: Path) -> None:

@@ -837,7 +837,10 @@ def _command(out: Path, recipe: PretrainRecipe) -> str:
         value = getattr(recipe, field.name)
         # The seed and the epochs are always written: they are what one changes to get another file.
         if field.name in ("seed", "epochs") or value != getattr(default, field.name):
-            shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+            if isinstance(value, tuple):
+                shown = ",".join(f"{v:g}" for v in value) or "none"
+            else:
+                shown = "none" if value is None else str(value)
             parts += [f"--{field.name.replace('_', '-')}", shown]
     return " ".join(parts)
 
