@@ -119,7 +119,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         start_workers()  # the workers' imports then overlap with this process's own
     from ivpt.demo import run_demo
 
-    run_demo(out_dir=args.out, fast=args.fast, backbone_file=args.backbone, jobs=args.jobs)
+    run_demo(out_dir=args.out, fast=args.fast, backbone_file=args.backbone, jobs=args.jobs, seed=args.seed)
     return 0
 
 
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes that train and score the methods side by side, sharing the cores "
         "(default: 2 with 2 cores or more; 1: one method after the other in this process)",
     )
+    p.add_argument("--seed", type=int, default=42, help="train.seed of every run (default 42; the data stay the same)")
 
     p = add("bench", _cmd_bench, "Benchmark against a bound: the training step, inference, the data path, ivpt eval.")
     p.add_argument(

@@ -35,6 +35,9 @@ METHODS: tuple[str, ...] = ("ivpt", "vpt_deep", "linear_probe")
 # The columns of the results table, keys of ``results.json`` and of ``ivpt eval``'s results.
 TABLE_METRICS: tuple[str, ...] = ("accuracy", "consistency", "stability", "nmi", "ari", "kpr", "faithfulness")
 DATA_SEED = 0
+# The demo's train.seed (the prototypes' initialisation, the data order, flips and transforms); the targets
+# are read over it and seeds 1 and 2 (scripts/demo_seeds.py).
+DEMO_SEED = 42
 # The token stride of ``ivpt pretrain-backbone`` files that do not record one (the option came later).
 LEGACY_TOKEN_STRIDE = 8
 # ``ivpt eval`` notes start with the metric they concern; these are the ones behind the table's columns.
@@ -102,7 +105,6 @@ COMMON_OVERRIDES: tuple[str, ...] = (
     "optim.warmup_epochs=0",
     "train.precision=fp32",
     "train.device=auto",
-    "train.seed=42",
     "train.log_every_steps=5",
     # The demo scores every checkpoint with ``ivpt eval``; the trainer's own test pass would repeat it.
     "train.test_at_end=false",
@@ -189,9 +191,14 @@ def backbone_file_overrides(path: str | Path) -> list[str]:
 
 
 def demo_overrides(
-    method: str, plan: DemoPlan, data_root: Path, run_dir: Path, backbone_file: str | Path | None = None
+    method: str,
+    plan: DemoPlan,
+    data_root: Path,
+    run_dir: Path,
+    backbone_file: str | Path | None = None,
+    seed: int = DEMO_SEED,
 ) -> list[str]:
-    """The ``key=value`` overrides (of the default config) of one demo training run."""
+    """The ``key=value`` overrides (of the default config) of one demo training run (``seed``: ``train.seed``)."""
     if method not in METHOD_OVERRIDES:
         raise IVPTError(f"demo: unknown method '{method}'; expected one of {', '.join(METHOD_OVERRIDES)}")
     n_pro = ",".join(str(k) for k in plan.n_pro)
@@ -205,14 +212,20 @@ def demo_overrides(
         f"train.max_steps={plan.max_steps}",
         f"train.batch_size={plan.batch_size}",
         f"train.out_dir={run_dir}",
+        f"train.seed={seed}",
     ]
 
 
 def demo_config(
-    method: str, plan: DemoPlan, data_root: Path, run_dir: Path, backbone_file: str | Path | None = None
+    method: str,
+    plan: DemoPlan,
+    data_root: Path,
+    run_dir: Path,
+    backbone_file: str | Path | None = None,
+    seed: int = DEMO_SEED,
 ) -> Config:
     """The resolved config of one demo training run."""
-    cfg = apply_overrides(Config(), demo_overrides(method, plan, data_root, run_dir, backbone_file))
+    cfg = apply_overrides(Config(), demo_overrides(method, plan, data_root, run_dir, backbone_file, seed))
     validate(cfg)
     return cfg
 
@@ -308,6 +321,7 @@ def run_demo(
     methods: Sequence[str] = METHODS,
     backbone_file: str | Path | None = None,
     jobs: int | None = None,
+    seed: int = DEMO_SEED,
 ) -> dict[str, dict[str, Any]]:
     """Run the demo (see the module docstring) into ``out_dir``.
 
@@ -324,6 +338,7 @@ def run_demo(
             in the rest; :mod:`ivpt.demo.jobs` says why), the cores shared out between them; 1 runs
             everything in this process, one method after the other. ``None``:
             :func:`~ivpt.demo.jobs.default_jobs` (2 on a machine with 2 cores or more).
+        seed: ``train.seed`` of every run (the data set stays the same).
 
     Returns:
         ``results.json``'s content: method -> the :data:`TABLE_METRICS` (percent, ``None`` where the
@@ -369,7 +384,9 @@ def run_demo(
     )
     print("generated" if generated else "reused the existing data set (same settings)")
 
-    configs = {method: demo_config(method, plan, data_root, out / "runs" / method, backbone_file) for method in methods}
+    configs = {
+        method: demo_config(method, plan, data_root, out / "runs" / method, backbone_file, seed) for method in methods
+    }
     # The report's concept statistics come from the same forward passes as IVPT's scores.
     report_statistics = ConceptStatisticsMeter(plan.num_classes, plan.top_k, device=None)
     checkpoints: dict[str, Path] = {}
@@ -463,6 +480,7 @@ __all__ = [
     "METHOD_OVERRIDES",
     "ORACLE_NOTES",
     "TABLE_METRICS",
+    "DEMO_SEED",
     "DemoPlan",
     "backbone_file_overrides",
     "demo_config",
