@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +118,7 @@ class SelfDistillation(nn.Module):
         self.register_buffer("centre_cls", torch.zeros(PROTOTYPES))
         self.register_buffer("centre_patch", torch.zeros(PROTOTYPES))
 
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> SelfDistillation:
         # Moves and casts of the student (``.to(device)`` on any parent) move the teacher too.
         for part in self._teacher:
             part._apply(fn, *args, **kwargs)
@@ -131,7 +133,7 @@ class SelfDistillation(nn.Module):
                 t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
     @torch.no_grad()
-    def teacher_outputs(self, views: Tensor, forward: callable) -> tuple[Tensor, Tensor]:  # type: ignore[valid-type]
+    def teacher_outputs(self, views: Tensor, forward: Callable[[nn.Module, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         """Teacher scores ``(cls (B, K), patches (B, n, K))`` of unmasked views; ``forward(backbone, images)``
         gives a backbone's final normalised sequence ``(B, T, D)``."""
         backbone, head = self._teacher
@@ -164,9 +166,7 @@ class SelfDistillation(nn.Module):
         teacher_cls_p = [((t - self.centre_cls) / TEACHER_TEMPERATURE).softmax(-1) for t in teacher_cls]
         teacher_patch_p = [((t - self.centre_patch) / TEACHER_TEMPERATURE).softmax(-1) for t in teacher_patches]
         student_cls_log = [(self.head(s.float()) / STUDENT_TEMPERATURE).log_softmax(-1) for s in student_cls]
-        cls_term = sum(
-            -(teacher_cls_p[1 - view] * student_cls_log[view]).sum(-1).mean() for view in range(2)
-        ) / 2
+        cls_term = sum(-(teacher_cls_p[1 - view] * student_cls_log[view]).sum(-1).mean() for view in range(2)) / 2
         patch_term = student_cls_log[0].new_zeros(())
         for view in range(2):
             masked = masks[view]

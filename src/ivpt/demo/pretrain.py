@@ -1,22 +1,31 @@
-"""``ivpt pretrain-backbone``: train the demo ViT from scratch on a *different* synthetic task.
+"""``ivpt pretrain-backbone``: train the demo ViT from scratch on images that never show the demo's task.
 
 The demo adapts a frozen backbone to a new fine-grained task, as the paper adapts DINOv2 to birds. The
-backbone must therefore know images of this kind without knowing the task: it is trained on the
-``"pretrain"`` family of the synthetic generator, whose classes are defined by the breast pattern, tail
-shape and tail colour, while the demo's classes are defined by head colour, wing pattern and beak shape.
+backbone must therefore know images of this kind without knowing the task. By default it is trained on the
+``"generic"`` family of the synthetic generator: no classes at all, every attribute of every part (colours
+from the whole colour solid, every pattern, beak and tail shape, sizes and places) drawn per image over ranges
+that hold the demo classes' values; the objective uses no label of any kind but the renderer's per-pixel part
+map and the pixels themselves. (The ``"pretrain"`` family, whose classes are defined by the breast pattern,
+tail shape and tail colour, with its class-attribute term, trained the package's earlier files.)
 
 Recipe (:class:`ivpt.demo.recipe.PretrainRecipe`; everything derives from ``seed``, so the same command writes
-the same file on the same hardware, software and thread count). The default, which wrote the shipped file: 100
-classes x 100 images of 64 px drawn in memory (:func:`ivpt.data.synthetic.render_synthetic`), half of each
-class held out; random horizontal flips; 12 epochs of AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped
-at 2), batch 32, one warm-up epoch then cosine decay, one token per 4 x 4 pixel cell (``token_stride``); about
-22 minutes on two CPU threads. The images and the model live on the training device and batches are gathered
-there (the order and flips are those of the engine's :class:`~ivpt.engine.rng.EpochSampler` and
-:class:`~ivpt.engine.rng.SeededSamples`), so the same code scales to a GPU (bf16 autocast there) with more
-images (``per_class``), ``workers`` processes drawing them, and ``max_minutes`` as a guard for time-boxed
-machines.
+the same file on the same hardware, software and thread count). The default, which wrote the shipped file:
+100 groups x 200 images of 64 px drawn in memory (:func:`ivpt.data.synthetic.render_synthetic`), one per group
+held out; random horizontal flips; AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped at 2), batch 32,
+for ``compute=1``: the backbone passes of the earlier shipped file's 12 epochs (:func:`compute_multiple`),
+writing finished snapshots at 0.25x and 0.5x on the way (warm-up, constant rate, and each snapshot and the run
+decaying over the last fifth of its own compute); one token per 4 x 4 pixel cell (``token_stride``). The images
+and the model live on the training device and batches are gathered there (the order and flips are those of the
+engine's :class:`~ivpt.engine.rng.EpochSampler` and :class:`~ivpt.engine.rng.SeededSamples`), so the same code
+scales to a GPU (bf16 autocast there) with more images (``per_class``), ``workers`` processes drawing them, and
+``max_minutes`` as a guard for time-boxed machines.
 
-Supervised signals, all from the pretraining family's own annotations and pixels:
+Self-supervised signal (``distill_weight``, :mod:`ivpt.demo.distill`): each image seen in two random crops, the
+student's tokens partly masked, matching an exponential-moving-average teacher across the views (CLS) and on
+the masked tokens (patches), as DINO and iBOT do. Every other term below reads the student's two masked views,
+with the part map warped alike.
+
+Dense signals from the renderer (its part map) and the pixels, and the class term of a family with classes:
 
 - ``attributes``: the class's three attributes (5 breast patterns, 4 tail shapes, 5 tail colours), one
   softmax each, from the CLS token and from the mean patch token (label smoothing 0.1);
@@ -41,8 +50,10 @@ Supervised signals, all from the pretraining family's own annotations and pixels
   the cell targets say what a token's few pixels look like, this one makes the tokens of one part agree
   on what the part looks like, which is what pooling a region (IVPT's prompts and classifier) reads.
 
-The dense terms weigh 1 in the minimised sum and the class-attribute term 0.1 by default
-(``appearance_weight`` and ``attribute_weight`` change them). At attribute weight 1, the weight of the
+Every term weighs 1 in the minimised sum by default, the class-attribute term 0 (the generic family has no
+classes; ``part_weight``, ``appearance_weight``, ``part_appearance_weight``, ``distill_weight`` and
+``attribute_weight`` change them; a term at weight 0 is not computed). On the ``"pretrain"`` family the earlier
+files weighed the class term 0.1: at attribute weight 1, the weight of the
 package's first 16 x 16 file, that term's gradient dominates the sum and teaches the tokens to drop what
 the pretraining classes do not need: the head colour, a random nuisance in every pretraining image, could
 be read off the true head's tokens of the diagnostic images (below) only 67 % of the time, ideal part
