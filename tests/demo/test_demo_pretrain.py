@@ -89,7 +89,7 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
     assert recipe["command"] == (
         "ivpt pretrain-backbone --out a.safetensors --seed 5 --epochs 1 --num-classes 3 --per-class 8 "
         "--test-per-class 2 --batch-size 4 --attribute-weight 0.1 --part-appearance-weight 0.0 --family pretrain "
-        "--distill-weight 0.0 --compute none --snapshots none"
+        "--compute none --snapshots none"
     )
     # A package file: world-readable whatever the umask.
     assert first.stat().st_mode & 0o777 == 0o644
@@ -113,7 +113,8 @@ def test_loss_weights_come_from_the_recipe_and_change_what_is_trained(tmp_path: 
         "distill_cls": 0.0,
         "distill_patch": 0.0,
     }
-    assert loss_weights(PretrainRecipe())["distill_cls"] == 1.0 and loss_weights(PretrainRecipe())["attributes"] == 0
+    assert loss_weights(PretrainRecipe())["part_appearance"] == 1.0 and loss_weights(PretrainRecipe())["attributes"] == 0
+    assert loss_weights(PretrainRecipe(distill_weight=0.5))["distill_patch"] == 0.5
     assert loss_weights(PretrainRecipe(appearance_weight=10.0))["appearance"] == 10.0
     assert loss_weights(PretrainRecipe(attribute_weight=0.0))["attributes"] == 0.0
     assert loss_weights(PretrainRecipe(part_appearance_weight=2.0))["part_appearance"] == 2.0

@@ -13,17 +13,19 @@ the same file on the same hardware, software and thread count). The default, whi
 100 groups x 200 images of 64 px drawn in memory (:func:`ivpt.data.synthetic.render_synthetic`), one per group
 held out; random horizontal flips; AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped at 2), batch 32,
 for ``compute=1``: the backbone passes of the earlier shipped file's 12 epochs (:func:`compute_multiple`),
-writing finished snapshots at 0.25x and 0.5x on the way (warm-up, constant rate, and each snapshot and the run
+writing finished snapshots at 0.125x, 0.25x and 0.5x on the way (warm-up, constant rate, and each snapshot and the run
 decaying over the last fifth of its own compute); one token per 4 x 4 pixel cell (``token_stride``). The images
 and the model live on the training device and batches are gathered there (the order and flips are those of the
 engine's :class:`~ivpt.engine.rng.EpochSampler` and :class:`~ivpt.engine.rng.SeededSamples`), so the same code
 scales to a GPU (bf16 autocast there) with more images (``per_class``), ``workers`` processes drawing them, and
 ``max_minutes`` as a guard for time-boxed machines.
 
-Self-supervised signal (``distill_weight``, :mod:`ivpt.demo.distill`): each image seen in two random crops, the
-student's tokens partly masked, matching an exponential-moving-average teacher across the views (CLS) and on
-the masked tokens (patches), as DINO and iBOT do. Every other term below reads the student's two masked views,
-with the part map warped alike.
+Self-supervised signal (``distill_weight``, off by default, :mod:`ivpt.demo.distill`): each image seen in two
+random crops, the student's tokens partly masked, matching an exponential-moving-average teacher across the
+views (CLS) and on the masked tokens (patches), as DINO and iBOT do; every other term then reads the student's
+two masked views, with the part map warped alike. At the default rate and batch (30 times DINO's rate per image,
+an eighth of its smallest batch) both terms collapsed to the uniform distribution (loss ln 512) within 0.25x of
+the compute, and the features came out worse than the dense terms' alone at the same compute (docs/demo.md).
 
 Dense signals from the renderer (its part map) and the pixels, and the class term of a family with classes:
 
