@@ -113,7 +113,8 @@ def test_loss_weights_come_from_the_recipe_and_change_what_is_trained(tmp_path: 
         "distill_cls": 0.0,
         "distill_patch": 0.0,
     }
-    assert loss_weights(PretrainRecipe())["part_appearance"] == 1.0 and loss_weights(PretrainRecipe())["attributes"] == 0
+    default = loss_weights(PretrainRecipe())
+    assert default["part_appearance"] == 1.0 and default["attributes"] == 0 and default["distill_cls"] == 0
     assert loss_weights(PretrainRecipe(distill_weight=0.5))["distill_patch"] == 0.5
     assert loss_weights(PretrainRecipe(appearance_weight=10.0))["appearance"] == 10.0
     assert loss_weights(PretrainRecipe(attribute_weight=0.0))["attributes"] == 0.0

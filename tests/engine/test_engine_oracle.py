@@ -45,6 +45,8 @@ def test_part_masks_are_warped_like_their_images(tiny_config) -> None:
         assert inputs.shape == (2, len(notes.part_names) + 2, 32, 32)
         assert torch.equal(inputs[:, :-1].sum(dim=1), torch.ones(2, 32, 32))  # one-hot, background included
         assert torch.all(inputs[:, -1] == float(crop))
+        frame_only = PartMaskInput(len(notes.part_names), masks=False)(batch, dataset)
+        assert frame_only.shape == (2, len(notes.part_names) + 2, 1, 1) and frame_only.sum() == 2 * float(crop)
 
 
 def test_oracle_maps_are_cell_shares_and_ignore_the_stability_noise() -> None:

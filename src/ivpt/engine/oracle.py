@@ -69,11 +69,13 @@ class PartMaskInput:
     ``__call__(batch, dataset)`` returns ``(B, P + 2, S, S)``: channels ``0..P-1`` one-hot for parts ``1..P``,
     channel ``P`` the background (last, as in concept maps), channel ``P + 1`` constant, 1 when ``dataset``
     crops the images to their boxes, 0 otherwise. Each mask is warped by its sample's own geometry plan
-    (nearest-neighbour resizing), so it lines up with the image and the keypoints the meters see.
+    (nearest-neighbour resizing), so it lines up with the image and the keypoints the meters see. With
+    ``masks=False`` (for maps that ignore the image) no mask is read: ``(B, P + 2, 1, 1)``, zeros but the last.
     """
 
-    def __init__(self, num_parts: int) -> None:
+    def __init__(self, num_parts: int, masks: bool = True) -> None:
         self.num_parts = num_parts
+        self.masks = masks
 
     def warped_ids(self, dataset: Any, index: int) -> Tensor:
         """``(S, S)`` long part ids (0 background) of sample ``index`` of ``dataset``, in its output frame."""
@@ -98,6 +100,10 @@ class PartMaskInput:
         return torch.from_numpy(ids)
 
     def __call__(self, batch: dict[str, Any], dataset: Any) -> Tensor:
+        if not self.masks:
+            inputs = torch.zeros(len(batch["index"]), self.num_parts + 2, 1, 1)
+            inputs[:, -1] = float(dataset.bbox_crop)
+            return inputs
         ids = torch.stack([self.warped_ids(dataset, int(index)) for index in batch["index"]])
         one_hot = F.one_hot(ids, self.num_parts + 1).permute(0, 3, 1, 2).float()  # background first
         crop = torch.full_like(one_hot[:, :1], float(dataset.bbox_crop))
@@ -326,9 +332,10 @@ def evaluate_oracles(
     require_part_masks(annotations)
     # One stage of maps: score it without a clamping note.
     single_stage = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, stage=-1))
-    source = PartMaskInput(len(annotations.part_names))
     rows: dict[str, dict[str, Any]] = {}
     for name, model in oracle_models(single_stage, annotations, num_concepts, map_size).items():
+        # The fixed maps read nothing but which frame they are in.
+        source = PartMaskInput(len(annotations.part_names), masks=name == "oracle")
         rows[name] = evaluate(model.to(device), single_stage, ORACLE_METRICS, device, model_input=source)
     if backbone is not None:
         rows["oracle"]["accuracy"] = true_part_probe_accuracy(backbone, single_stage, annotations, device)
