@@ -8,12 +8,12 @@
 #    dense part, appearance and part-appearance terms on the class-free 'generic' family) for COMPUTE times the
 #    earlier shipped file's compute, writing a finished snapshot at each of SNAPSHOTS on the way (one run,
 #    warm-up / constant rate / decay: each snapshot decays over the last fifth of its own compute).
-# 2. The objective comparison at COMPARE: the dense terms alone (no self-distillation), and self-distillation
-#    alone (no renderer signal), each a run of its own with a cosine schedule.
+# 2. The objective comparison at COMPARE, each a run of its own with a cosine schedule: the dense terms without
+#    part appearance, self-distillation alone (no renderer signal), and self-distillation with every dense term.
 # 3. A table of every file's feature diagnostics (part probe, attribute probes, ideal-prototype NMI on demo-family
 #    images) in $OUT/curve.json and on the terminal; with DEMO=1, `ivpt demo` on each file too.
 # Files: $OUT/default.safetensors (+ default_c<C>.safetensors), $OUT/dense_c<COMPARE>.safetensors,
-# $OUT/distill_c<COMPARE>.safetensors, their logs in $OUT/*.log.
+# $OUT/distill_c<COMPARE>.safetensors, $OUT/distill_dense_c<COMPARE>.safetensors, their logs in $OUT/*.log.
 set -u
 
 OUT=${OUT:-/tmp/ivpt_sweep}
@@ -33,14 +33,16 @@ else
 fi
 PRETRAIN=("$PYTHON" -m ivpt.cli pretrain-backbone --device "$DEVICE" --data-dir "$OUT/data" "${DATA[@]}")
 
-# The three runs share the cached images; on one machine they run side by side (one thread each).
+# The four runs share the cached images; on one machine they run side by side (one thread each).
 "${PRETRAIN[@]}" --out "$OUT/default.safetensors" --compute "$COMPUTE" --snapshots "$SNAPSHOTS" \
     > "$OUT/default.log" 2>&1 &
-sleep 5  # the first run draws and caches the images; the others then read them
+sleep 5  # a head start: a run draws the images unless another has cached them (the same images either way)
 "${PRETRAIN[@]}" --out "$OUT/dense_c$COMPARE.safetensors" --compute "$COMPARE" --snapshots none \
-    --distill-weight 0 > "$OUT/dense.log" 2>&1 &
+    --part-appearance-weight 0 > "$OUT/dense.log" 2>&1 &
 "${PRETRAIN[@]}" --out "$OUT/distill_c$COMPARE.safetensors" --compute "$COMPARE" --snapshots none \
-    --part-weight 0 --appearance-weight 0 --part-appearance-weight 0 > "$OUT/distill.log" 2>&1 &
+    --distill-weight 1 --part-weight 0 --appearance-weight 0 --part-appearance-weight 0 > "$OUT/distill.log" 2>&1 &
+"${PRETRAIN[@]}" --out "$OUT/distill_dense_c$COMPARE.safetensors" --compute "$COMPARE" --snapshots none \
+    --distill-weight 1 > "$OUT/distill_dense.log" 2>&1 &
 wait
 
 if [ "${DEMO:-0}" = "1" ]; then
