@@ -1,130 +1,81 @@
 #!/usr/bin/env bash
-# Pretrain candidate demo backbones side by side on one GPU, then run `ivpt demo` on each (issue 7).
-# All use 100 classes x 1000 images, 10 per class held out.
+# The demo backbone's scaling curve and objective comparison (docs/demo.md, "The demo backbone").
 #
-#   OUT=/some/folder bash scripts/pretrain_sweep.sh         # on a CUDA machine, from the repository root
-#   SMOKE=1 OUT=/tmp/sweep bash scripts/pretrain_sweep.sh   # dry run on the CPU with tiny settings
+#   OUT=/some/folder bash scripts/pretrain_sweep.sh                 # on the CPU (hours), or a GPU: DEVICE=cuda
+#   SMOKE=1 OUT=/tmp/sweep bash scripts/pretrain_sweep.sh           # the same steps at a tiny size (minutes)
 #
-# Candidates (batch 512, the default class-attribute weight 0.1; the first sweep's four 8 px candidates with
-# rich targets, at attribute weight 1, are in the README):
-#   s8_cell_e30   the first shipped recipe's tokens and targets (8 px tokens, cell targets) at this scale, 30 epochs
-#   s4_cell_e12   the shipped recipe (4 px tokens: a 16 x 16 grid at 64 px, cell targets) at this scale, 12 epochs
-#   s4_rich_e12   4 px tokens, rich targets, 12 epochs
-#   s4_w128_e12   4 px tokens, cell targets, width 128 and 4 heads, 12 epochs
-# The pretraining images are drawn once (16 processes) and shared. A tiny model leaves a GPU mostly idle,
-# so the trainings run at the same time, each guarded by --max-minutes. Results: $OUT/<name>.safetensors,
-# $OUT/results.json (each candidate's demo table and pretraining diagnostics) and $OUT/sweep.log.
+# 1. The shipped recipe (ivpt pretrain-backbone's defaults: self-distillation between masked views with the
+#    dense part, appearance and part-appearance terms on the class-free 'generic' family) for COMPUTE times the
+#    earlier shipped file's compute, writing a finished snapshot at each of SNAPSHOTS on the way (one run,
+#    warm-up / constant rate / decay: each snapshot decays over the last fifth of its own compute).
+# 2. The objective comparison at COMPARE, each a run of its own with a cosine schedule: the dense terms without
+#    part appearance, self-distillation alone (no renderer signal), and self-distillation with every dense term.
+# 3. A table of every file's feature diagnostics (part probe, attribute probes, ideal-prototype NMI on demo-family
+#    images) in $OUT/curve.json and on the terminal; with DEMO=1, `ivpt demo` on each file too.
+# Files: $OUT/default.safetensors (+ default_c<C>.safetensors), $OUT/dense_c<COMPARE>.safetensors,
+# $OUT/distill_c<COMPARE>.safetensors, $OUT/distill_dense_c<COMPARE>.safetensors, their logs in $OUT/*.log.
 set -u
 
 OUT=${OUT:-/tmp/ivpt_sweep}
 PYTHON=${PYTHON:-python}
+DEVICE=${DEVICE:-cpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-LOG="$OUT/sweep.log"
-WORK=${WORK:-/tmp/ivpt_sweep_work}
-mkdir -p "$WORK"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ "${SMOKE:-0}" = "1" ]; then
-    PER_CLASS=20; TEST_PER_CLASS=10; CLASSES=10; EPOCHS_SHORT=1; EPOCHS_LONG=2; BATCH=32; MINUTES=0.5; TRAIN_TIMEOUT=300
-    DEMO_FLAGS=(--fast); DEMO_TIMEOUT=300; WORKERS=2
+    COMPUTE=${COMPUTE:-0.004}; SNAPSHOTS=${SNAPSHOTS:-0.001,0.002}; COMPARE=${COMPARE:-0.001}
+    DATA=(--num-classes 4 --per-class 40); DEMO_FLAGS=(--fast)
 else
-    PER_CLASS=1000; TEST_PER_CLASS=10; CLASSES=100; EPOCHS_SHORT=12; EPOCHS_LONG=30; BATCH=512; MINUTES=3.5; TRAIN_TIMEOUT=290
-    DEMO_FLAGS=(); DEMO_TIMEOUT=180; WORKERS=16
+    COMPUTE=${COMPUTE:-4}; SNAPSHOTS=${SNAPSHOTS:-0.25,0.5,1,2}; COMPARE=${COMPARE:-0.25}
+    DATA=(); DEMO_FLAGS=()
 fi
-export OMP_NUM_THREADS=4
+PRETRAIN=("$PYTHON" -m ivpt.cli pretrain-backbone --device "$DEVICE" --data-dir "$OUT/data" "${DATA[@]}")
 
-{
-    date
-    "$PYTHON" -c "import platform, timm, torch; print('python', platform.python_version(), 'torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
-    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
-    for module in sklearn scipy matplotlib safetensors yaml tqdm; do
-        "$PYTHON" -c "import $module" 2> /dev/null || echo "missing python module: $module"
+# The four runs share the cached images; on one machine they run side by side (one thread each).
+"${PRETRAIN[@]}" --out "$OUT/default.safetensors" --compute "$COMPUTE" --snapshots "$SNAPSHOTS" \
+    > "$OUT/default.log" 2>&1 &
+sleep 5  # a head start: a run draws the images unless another has cached them (the same images either way)
+"${PRETRAIN[@]}" --out "$OUT/dense_c$COMPARE.safetensors" --compute "$COMPARE" --snapshots none \
+    --part-appearance-weight 0 > "$OUT/dense.log" 2>&1 &
+"${PRETRAIN[@]}" --out "$OUT/distill_c$COMPARE.safetensors" --compute "$COMPARE" --snapshots none \
+    --distill-weight 1 --part-weight 0 --appearance-weight 0 --part-appearance-weight 0 > "$OUT/distill.log" 2>&1 &
+"${PRETRAIN[@]}" --out "$OUT/distill_dense_c$COMPARE.safetensors" --compute "$COMPARE" --snapshots none \
+    --distill-weight 1 > "$OUT/distill_dense.log" 2>&1 &
+wait
+
+if [ "${DEMO:-0}" = "1" ]; then
+    for file in "$OUT"/*.safetensors; do
+        name=$(basename "$file" .safetensors)
+        "$PYTHON" -m ivpt.cli demo "${DEMO_FLAGS[@]}" --out "$OUT/demo_$name" --backbone "$file" \
+            > "$OUT/demo_$name.log" 2>&1
     done
-} >> "$LOG" 2>&1
+fi
 
-NAMES=(s8_cell_e30 s4_cell_e12 s4_rich_e12 s4_w128_e12)
-
-# train NAME EPOCHS RECIPE_JSON ARCH_JSON: one candidate, its log in $WORK/NAME.log.
-train() {
-    local name=$1 epochs=$2 recipe=$3 arch=$4
-    timeout "$TRAIN_TIMEOUT" "$PYTHON" - "$name" "$epochs" "$recipe" "$arch" > "$WORK/$name.log" 2>&1 <<PY
-import importlib.util, json, sys
-from ivpt.demo.pretrain import pretrain_backbone
-from ivpt.demo.recipe import PretrainRecipe
-
-name, epochs, options, arch = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
-recipe = PretrainRecipe(epochs=epochs, num_classes=$CLASSES, per_class=$PER_CLASS, test_per_class=$TEST_PER_CLASS,
-                        batch_size=$BATCH, **options)
-pretrain_backbone("$OUT/" + name + ".safetensors", recipe, data_dir="$WORK/data", workers=$WORKERS,
-                  progress=True, arch_args=arch, max_minutes=$MINUTES,
-                  diagnose=importlib.util.find_spec("sklearn") is not None)
-PY
-    echo "train $name exit $?" >> "$LOG"
-}
-
-# 1. The shared pretraining images (drawn once, cached as .npz in $WORK/data).
-start=$(date +%s)
-timeout 150 "$PYTHON" - >> "$LOG" 2>&1 <<PY
-from pathlib import Path
-from ivpt.demo.pretrain import _pretraining_images
-from ivpt.demo.recipe import PretrainRecipe
-
-recipe = PretrainRecipe(num_classes=$CLASSES, per_class=$PER_CLASS, test_per_class=$TEST_PER_CLASS)
-data = _pretraining_images(recipe, Path("$WORK/data"), $WORKERS)
-print("images", data.images.shape, "train", int(data.is_train.sum()))
-PY
-echo "data exit $? after $(( $(date +%s) - start )) s" >> "$LOG"
-
-# 2. The candidates at once.
-start=$(date +%s)
-train s8_cell_e30 "$EPOCHS_LONG" '{"token_stride": 8}' '{}' &
-train s4_cell_e12 "$EPOCHS_SHORT" '{"token_stride": 4}' '{}' &
-train s4_rich_e12 "$EPOCHS_SHORT" '{"token_stride": 4, "appearance": "rich"}' '{}' &
-train s4_w128_e12 "$EPOCHS_SHORT" '{"token_stride": 4}' '{"embed_dim": 128, "num_heads": 4}' &
-wait
-echo "training done after $(( $(date +%s) - start )) s" >> "$LOG"
-for name in "${NAMES[@]}"; do
-    echo "--- $name" >> "$LOG"
-    grep -v "it/s" "$WORK/$name.log" | tail -n 12 >> "$LOG"
-done
-
-# 3. The demo on each candidate, at once.
-start=$(date +%s)
-for name in "${NAMES[@]}"; do
-    if [ -f "$OUT/$name.safetensors" ]; then
-        timeout "$DEMO_TIMEOUT" "$PYTHON" -m ivpt.cli demo "${DEMO_FLAGS[@]}" --out "$WORK/demo_$name" \
-            --backbone "$OUT/$name.safetensors" > "$WORK/demo_$name.log" 2>&1 &
-    fi
-done
-wait
-echo "demos done after $(( $(date +%s) - start )) s" >> "$LOG"
-
-"$PYTHON" - >> "$LOG" 2>&1 <<PY
-import json
+"$PYTHON" - "$OUT" <<'PY'
+import json, sys
 from pathlib import Path
 from ivpt.demo.pretrain import weight_file_recipe
 
-summary = {}
-for name in "${NAMES[*]}".split():
-    entry = {}
-    weights = Path("$OUT") / f"{name}.safetensors"
-    if weights.is_file():
-        entry["recipe"] = weight_file_recipe(weights)
-    results = Path("$WORK") / f"demo_{name}" / "results.json"
-    if results.is_file():
-        entry["demo"] = json.loads(results.read_text())
-    timings = Path("$WORK") / f"demo_{name}" / "timings.json"
-    if timings.is_file():
-        entry["demo_timings"] = json.loads(timings.read_text())
-    summary[name] = entry
-Path("$OUT/results.json").write_text(json.dumps(summary, indent=1))
-for name, entry in summary.items():
-    print(name, json.dumps(entry.get("recipe", {}).get("diagnostics")), json.dumps(entry.get("demo", {}).get("ivpt")))
+out = Path(sys.argv[1])
+rows = {}
+for path in sorted(out.glob("*.safetensors")):
+    recipe = weight_file_recipe(path)
+    rows[path.stem] = {key: recipe.get(key) for key in ("compute", "steps", "minutes", "threads", "device", "command")}
+    rows[path.stem]["diagnostics"] = recipe.get("diagnostics")
+    demo = out / f"demo_{path.stem}" / "results.json"
+    if demo.is_file():
+        rows[path.stem]["demo"] = json.loads(demo.read_text())
+(out / "curve.json").write_text(json.dumps(rows, indent=1) + "\n")
+print(f"{'file':<28}{'compute':>8}{'part probe':>11}{'head':>7}{'wing':>7}{'beak':>7}{'ideal NMI':>12}")
+for name, row in rows.items():
+    d = row["diagnostics"] or {}
+    probes = d.get("attribute_probe_accuracy") or {}
+    nmi = d.get("part_centroid_nmi") or []
+    print(
+        f"{name:<28}{row['compute']:>8}{d.get('part_probe_accuracy', '-'):>11}"
+        f"{probes.get('head_colour', '-'):>7}{probes.get('wing_pattern', '-'):>7}{probes.get('beak_shape', '-'):>7}"
+        f"{(f'{min(nmi):.1f}-{max(nmi):.1f}' if nmi else '-'):>12}"
+    )
 PY
-for name in "${NAMES[@]}"; do
-    echo "--- demo $name" >> "$LOG"
-    tail -n 12 "$WORK/demo_$name.log" >> "$LOG" 2>/dev/null
-done
-date >> "$LOG"
-cat "$LOG"

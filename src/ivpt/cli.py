@@ -69,6 +69,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ivpt.engine.evaluate import evaluate_checkpoint
 
+    if args.oracle:
+        from ivpt.engine.oracle import evaluate_checkpoint_oracles
+
+        evaluate_checkpoint_oracles(args.checkpoint, overrides=args.overrides, out_dir=args.out)
+        return 0
     metrics = args.metrics.split(",") if args.metrics else None
     evaluate_checkpoint(args.checkpoint, overrides=args.overrides, metrics=metrics, out_dir=args.out)
     return 0
@@ -114,7 +119,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         start_workers()  # the workers' imports then overlap with this process's own
     from ivpt.demo import run_demo
 
-    run_demo(out_dir=args.out, fast=args.fast, backbone_file=args.backbone, jobs=args.jobs)
+    run_demo(out_dir=args.out, fast=args.fast, backbone_file=args.backbone, jobs=args.jobs, seed=args.seed)
     return 0
 
 
@@ -213,6 +218,23 @@ def _cmd_pretrain_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optional_count(text: str) -> int | None:
+    """``--test-per-class``: a count, or ``none`` for half of ``--per-class``."""
+    return None if text.strip().lower() == "none" else int(text)
+
+
+def _optional_compute(text: str) -> float | None:
+    """``--compute``: a number, or ``none`` to train ``--epochs`` epochs instead."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def _compute_list(text: str) -> tuple[float, ...]:
+    """``--snapshots``: comma-separated compute multiples, or ``none``."""
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 
@@ -251,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         "faithfulness (default: all that the data set supports)",
     )
     p.add_argument("--out", metavar="DIR", help="write DIR/metrics.json (default: beside the checkpoint)")
+    p.add_argument(
+        "--oracle",
+        action="store_true",
+        help="instead, score the data set's true part masks and two image-blind maps with the same protocols, "
+        "shaped like the checkpoint's scored stage (needs part_masks/); writes DIR/oracle.json",
+    )
     _add_config_args(p, with_file=False)
 
     p = add("explain", _cmd_explain, "Explain single images: concept maps, part evidence, hierarchy.")
@@ -304,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes that train and score the methods side by side, sharing the cores "
         "(default: 2 with 2 cores or more; 1: one method after the other in this process)",
     )
+    p.add_argument("--seed", type=int, default=42, help="train.seed of every run (default 42; the data stay the same)")
 
     p = add("bench", _cmd_bench, "Benchmark against a bound: the training step, inference, the data path, ivpt eval.")
     p.add_argument(
@@ -342,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--family",
-        choices=["default", "pretrain"],
+        choices=["default", "pretrain", "generic"],
         default="default",
-        help="class definitions: 'default' (the downstream task) or 'pretrain' (other parts and colours)",
+        help="class definitions: 'default' (the downstream task), 'pretrain' (other parts and colours) or "
+        "'generic' (no classes: every attribute drawn per image)",
     )
 
     p = add("data-check", _cmd_data_check, "Validate a data set folder and print a JSON summary.")
@@ -366,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Train the small demo ViT on separate synthetic data (reproduces the shipped weights).",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
-    from ivpt.demo.recipe import APPEARANCE_STYLES, TOKEN_STRIDES, PretrainRecipe
+    from ivpt.demo.recipe import APPEARANCE_STYLES, PRETRAIN_FAMILIES, TOKEN_STRIDES, PretrainRecipe
 
     default = PretrainRecipe()
     recipe_options: dict[str, tuple[type, str]] = {
@@ -374,12 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
         "epochs": (int, "passes over the training images"),
         "num_classes": (int, "classes of the pretraining task, at most 100"),
         "per_class": (int, "images per class"),
-        "test_per_class": (int, "held-out images per class (default: half of --per-class)"),
+        "test_per_class": (_optional_count, "held-out images per class ('none': half of --per-class)"),
         "batch_size": (int, "training batch size"),
         "lr": (float, "peak learning rate"),
         "appearance_weight": (float, "weight of the per-token appearance term"),
         "attribute_weight": (float, "weight of the class-attribute term (0: no class labels)"),
         "part_appearance_weight": (float, "weight of the per-token description of its whole part (0: off)"),
+        "part_weight": (float, "weight of the two dense part terms (0: off)"),
+        "distill_weight": (float, "weight of the self-distillation terms, views with masked tokens (0: off)"),
+        "compute": (_optional_compute, "this multiple of the earlier shipped file's compute ('none': --epochs)"),
     }
     for name, (kind, text) in recipe_options.items():
         value = getattr(default, name)
@@ -390,6 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=APPEARANCE_STYLES,
         default=default.appearance,
         help=f"what the per-token appearance targets describe (default {default.appearance})",
+    )
+    p.add_argument(
+        "--snapshots",
+        type=_compute_list,
+        default=default.snapshots,
+        metavar="C1,C2,...",
+        help="with --compute: also write a finished backbone at each of these smaller compute multiples "
+        "(OUT_c<C>.safetensors), branched off one run whose rate stays constant until its last fifth",
+    )
+    p.add_argument(
+        "--family",
+        choices=PRETRAIN_FAMILIES,
+        default=default.family,
+        help=f"synthetic images to pretrain on: 'generic' has no classes (default {default.family})",
     )
     p.add_argument(
         "--token-stride",

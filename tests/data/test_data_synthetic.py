@@ -89,7 +89,7 @@ def test_families_define_different_classes(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_and_occupied_output(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="unknown synthetic family 'zoo': expected one of default, pretrain"):
+    with pytest.raises(DataError, match="unknown synthetic family 'zoo': expected one of default, pretrain, generic"):
         make_synthetic(tmp_path / "x", family="zoo")
     limit = FAMILIES["default"].max_classes
     with pytest.raises(DataError, match=f"num_classes must be between 2 and {limit} for family 'default', got 1"):
@@ -143,3 +143,42 @@ def test_render_synthetic_does_not_depend_on_workers_and_holds_out_what_it_is_to
         render_synthetic(num_classes=3, per_class=5, size=32, test_per_class=5)
     with pytest.raises(DataError, match="unknown synthetic family 'zoo'"):
         render_synthetic(family="zoo")
+
+
+def test_generic_family_has_no_classes_and_covers_the_other_families_values() -> None:
+    import colorsys
+
+    from ivpt.data.synthetic import _random_colour
+
+    groups = class_definitions("generic", 3)
+    assert groups == [("Group_1", {}), ("Group_2", {}), ("Group_3", {})]
+    data = render_synthetic(num_classes=2, per_class=3, size=32, seed=1, family="generic", test_per_class=1)
+    assert data.images.shape == (6, 32, 32, 3) and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # Every class colour of every family lies in the range the generic family draws from (checked by
+    # drawing it), the demo's white and near-black heads included; the narrow range misses both.
+    rng = np.random.default_rng(0)
+    wide = np.array([colorsys.rgb_to_hsv(*(np.array(_random_colour(rng, True)) / 255)) for _ in range(4000)])
+    narrow = np.array([colorsys.rgb_to_hsv(*(np.array(_random_colour(rng)) / 255)) for _ in range(4000)])
+    for family in ("default", "pretrain"):
+        for values in FAMILIES[family].axes.values():
+            for value in values.values():
+                if isinstance(value, tuple):
+                    _, saturation, brightness = colorsys.rgb_to_hsv(*(np.array(value) / 255))
+                    assert wide[:, 1].min() <= saturation <= wide[:, 1].max()
+                    assert wide[:, 2].min() <= brightness <= wide[:, 2].max()
+    white, black = FAMILIES["default"].axes["head_colour"]["White"], FAMILIES["default"].axes["head_colour"]["Black"]
+    assert colorsys.rgb_to_hsv(*(np.array(white) / 255))[1] < narrow[:, 1].min()
+    assert colorsys.rgb_to_hsv(*(np.array(black) / 255))[2] < narrow[:, 2].min()
+    generic, demo = FAMILIES["generic"], FAMILIES["default"]
+    assert generic.scale[0] <= demo.scale[0] and demo.scale[1] <= generic.scale[1]
+    assert generic.centre[0] <= demo.centre[0] and demo.centre[1] <= generic.centre[1]
+
+
+def test_demo_creatures_are_larger_in_the_frame_than_the_pretrain_familys() -> None:
+    def box_share(family: str) -> float:
+        data = render_synthetic(num_classes=4, per_class=10, size=64, seed=3, family=family)
+        foreground = data.part_ids > 0
+        widths = foreground.any(axis=1).sum(axis=1)  # columns holding a part, per image
+        return float(widths.mean()) / 64
+
+    assert box_share("default") > box_share("pretrain") + 0.08

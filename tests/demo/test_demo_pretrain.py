@@ -37,7 +37,21 @@ from ivpt.errors import IVPTError
 from ivpt.model.demo_vit import DEMO_ARCH
 
 # 3 classes x 8 images, 2 held out per class: 18 training images, four batches of 4 per epoch.
-TINY = PretrainRecipe(seed=5, epochs=1, num_classes=3, per_class=8, test_per_class=2, batch_size=4)
+# The class-defined "pretrain" family with its attribute term (the recipe of the earlier shipped files).
+TINY = PretrainRecipe(
+    seed=5,
+    epochs=1,
+    num_classes=3,
+    per_class=8,
+    test_per_class=2,
+    batch_size=4,
+    family="pretrain",
+    attribute_weight=0.1,
+    part_appearance_weight=0.0,
+    distill_weight=0.0,
+    compute=None,
+    snapshots=(),
+)
 
 
 def test_ensure_synthetic_reuses_identical_sets_and_regenerates_changed_ones(tmp_path: Path) -> None:
@@ -74,7 +88,8 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
     assert recipe["train_images"] == 18 and recipe["test_images"] == 6
     assert recipe["command"] == (
         "ivpt pretrain-backbone --out a.safetensors --seed 5 --epochs 1 --num-classes 3 --per-class 8 "
-        "--test-per-class 2 --batch-size 4"
+        "--test-per-class 2 --batch-size 4 --attribute-weight 0.1 --part-appearance-weight 0.0 --family pretrain "
+        "--compute none --snapshots none"
     )
     # A package file: world-readable whatever the umask.
     assert first.stat().st_mode & 0o777 == 0o644
@@ -88,8 +103,19 @@ def test_pretrain_writes_a_loadable_reproducible_backbone(tmp_path: Path) -> Non
 
 
 def test_loss_weights_come_from_the_recipe_and_change_what_is_trained(tmp_path: Path) -> None:
-    weights = loss_weights(PretrainRecipe(attribute_weight=0.1, part_appearance_weight=0.0))
-    assert weights == {"attributes": 0.1, "parts": 1.0, "geometry": 1.0, "appearance": 1.0, "part_appearance": 0.0}
+    weights = loss_weights(TINY)
+    assert weights == {
+        "attributes": 0.1,
+        "parts": 1.0,
+        "geometry": 1.0,
+        "appearance": 1.0,
+        "part_appearance": 0.0,
+        "distill_cls": 0.0,
+        "distill_patch": 0.0,
+    }
+    default = loss_weights(PretrainRecipe())
+    assert default["part_appearance"] == 1.0 and default["attributes"] == 0 and default["distill_cls"] == 0
+    assert loss_weights(PretrainRecipe(distill_weight=0.5))["distill_patch"] == 0.5
     assert loss_weights(PretrainRecipe(appearance_weight=10.0))["appearance"] == 10.0
     assert loss_weights(PretrainRecipe(attribute_weight=0.0))["attributes"] == 0.0
     assert loss_weights(PretrainRecipe(part_appearance_weight=2.0))["part_appearance"] == 2.0
@@ -99,7 +125,9 @@ def test_loss_weights_come_from_the_recipe_and_change_what_is_trained(tmp_path: 
         recipe = PretrainRecipe(**{**TINY.__dict__, name: value})
         path = pretrain_backbone(tmp_path / f"{name}.safetensors", recipe, **options)
         written = weight_file_recipe(path)
-        assert written[name] == value and written["command"].endswith(f"--{name.replace('_', '-')} {value}")
+        # The command names every value that differs from the default recipe's.
+        shown = f"--{name.replace('_', '-')} {value}" in written["command"]
+        assert written[name] == value and shown == (value != getattr(PretrainRecipe(), name))
         changed = load_file(str(path))
         assert not torch.equal(changed["blocks.0.attn.qkv.weight"], default["blocks.0.attn.qkv.weight"]), name
 
@@ -141,7 +169,8 @@ def test_token_stride_8_backbone_records_it_and_the_demo_builds_its_8x8_grid(tmp
     recipe = PretrainRecipe(**{**TINY.__dict__, "token_stride": 8})
     path = pretrain_backbone(tmp_path / "coarse.safetensors", recipe, device="cpu", diagnose=False, progress=False)
     written = weight_file_recipe(path)
-    assert written["token_stride"] == 8 and written["command"].endswith("--batch-size 4 --token-stride 8")
+    assert written["token_stride"] == 8 and "--batch-size 4 --attribute-weight" in written["command"]
+    assert "--token-stride 8" in written["command"]
     assert backbone_file_overrides(path) == [
         f"model.pretrained_file={path.resolve()}",
         "model.backbone_args={token_stride: 8}",

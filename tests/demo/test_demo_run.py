@@ -15,12 +15,14 @@ from ivpt.demo.run import (
     FAST_PLAN,
     FULL_PLAN,
     METHODS,
+    ORACLE_NOTES,
     TABLE_METRICS,
     demo_config,
     format_results,
     run_demo,
     table_row,
 )
+from ivpt.engine.oracle import ORACLE_ROWS
 from ivpt.errors import IVPTError
 from ivpt.model.demo_vit import DEMO_ARCH
 
@@ -95,6 +97,11 @@ def test_format_results_prints_numbers_dashes_and_a_note() -> None:
     assert "note: ivpt" not in text
     vpt = full | {"faithfulness": None}
     assert "note: vpt_deep has no part scores, so faithfulness does not apply" in format_results({"vpt_deep": vpt})
+    # An oracle row says what it is, not what it lacks.
+    oracle = table_row(dict.fromkeys(TABLE_METRICS, 50.0) | {"faithfulness": None}, oracle="fixed_grid")
+    assert oracle["notes"] == [ORACLE_NOTES["fixed_grid"]]
+    text = format_results({"fixed_grid": oracle})
+    assert f"note: fixed_grid: {ORACLE_NOTES['fixed_grid']}" in text and "does not apply" not in text
 
 
 def test_run_demo_rejects_a_file_as_output_and_runs_without_ivpt(tmp_path: Path) -> None:
@@ -126,10 +133,17 @@ def test_fast_demo_end_to_end(
 
     results = json.loads((out / "results.json").read_text())
     assert results == json.loads(json.dumps(rows))
-    assert list(results) == list(METHODS)
+    assert list(results) == [*METHODS, *ORACLE_ROWS]
     for method in METHODS:
         assert set(results[method]) == {*TABLE_METRICS, "notes"}
         assert 0.0 <= results[method]["accuracy"] <= 100.0
+    # The oracle rows: the true part masks (a probe on the true parts for accuracy) and the image-blind maps,
+    # scored by the same meters; the noise of the stability protocol cannot move them.
+    assert 0.0 <= results["oracle"]["accuracy"] <= 100.0
+    assert results["fixed_parts"]["accuracy"] is None and results["fixed_grid"]["faithfulness"] is None
+    for name in ORACLE_ROWS:
+        assert results[name]["stability"] == 100.0 and results[name]["notes"] == [ORACLE_NOTES[name]]
+    assert results["oracle"]["nmi"] > results["fixed_grid"]["nmi"]
     for key in ("consistency", "stability", "nmi", "ari", "kpr", "faithfulness"):
         assert isinstance(results["ivpt"][key], float), key
         assert results["linear_probe"][key] is None
@@ -158,7 +172,7 @@ def test_fast_demo_end_to_end(
     printed = capsys.readouterr().out
     # Data, the three methods side by side (the baselines scored in their process), IVPT's scoring
     # with every core, explain, report.
-    assert printed.count("[demo 5/5] done") == 1
+    assert printed.count("[demo 6/6] done") == 1
     assert "generated" in printed
     assert "  ivpt: trained in" in printed
     for method in METHODS:
@@ -167,7 +181,8 @@ def test_fast_demo_end_to_end(
             assert f"  {method}: done: trained in" in printed
     timings = json.loads((out / "timings.json").read_text())
     steps = {k: v for k, v in timings.items() if k not in ("total", "methods")}
-    assert len(steps) == 5
+    assert len(steps) == 6
+    assert any(k.startswith("oracle rows") for k in steps)
     assert any(k.startswith("evaluate ivpt") for k in steps)
     assert timings["total"] >= sum(steps.values()) - 1.0
     side_by_side = next(v for k, v in steps.items() if "side by side" in k)
@@ -182,11 +197,11 @@ def test_fast_demo_one_method_after_the_other(tmp_path: Path, capsys: pytest.Cap
     out = tmp_path / "demo"
     rows = run_demo(out, fast=True, methods=("ivpt", "linear_probe"), jobs=1)
 
-    assert list(rows) == ["ivpt", "linear_probe"]
+    assert list(rows) == ["ivpt", "linear_probe", *ORACLE_ROWS]
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(rows))
     printed = capsys.readouterr().out
     # Data, train x 2, evaluate x 2, explain, report, each a step of its own; no worker processes.
-    assert printed.count("[demo 7/7] done") == 1
+    assert printed.count("[demo 8/8] done") == 1
     assert not list((out / "runs").glob("*/demo.log"))
     timings = json.loads((out / "timings.json").read_text())
     assert "methods" not in timings

@@ -52,17 +52,35 @@ PATTERNS: tuple[str, ...] = ("plain", "striped", "spotted", "barred", "edged")
 BEAK_SHAPES: tuple[str, ...] = ("short", "long", "hooked", "thick")
 TAIL_SHAPES: tuple[str, ...] = ("fan", "forked", "pointed", "square")
 Colour = tuple[int, int, int]
+# The demo family's creature: large in the frame and near its centre, as a bird in a CUB box crop.
+DEMO_SCALE = (0.45, 0.6)
+DEMO_CENTRE = (0.38, 0.62)
+# "Classes" (groups of images) of a family without class-defining axes: no limit in practice.
+_MAX_GROUPS = 1_000_000
 
 
 @dataclass(frozen=True)
 class Family:
-    """Class-defining attribute axes: axis name -> {value name: value}."""
+    """What a family's images show.
+
+    Attributes:
+        axes: class-defining attribute axes, axis name -> {value name: value}. A family without axes
+            (``"generic"``) has no classes: its "classes" are groups of images from one distribution.
+        scale: range of the creature's size, one body-length unit as a fraction of the image side (the
+            creature from tail tip to beak tip is about 1.6 units long).
+        centre: range of the creature's body centre, as a fraction of the image side (each coordinate).
+        wide_colours: draw every free colour from the whole colour solid (greys, near-black and near-white
+            included) instead of the mid-saturation, mid-brightness range.
+    """
 
     axes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scale: tuple[float, float] = (0.32, 0.55)
+    centre: tuple[float, float] = (0.25, 0.75)
+    wide_colours: bool = False
 
     @property
     def max_classes(self) -> int:
-        return math.prod(len(values) for values in self.axes.values())
+        return math.prod(len(values) for values in self.axes.values()) if self.axes else _MAX_GROUPS
 
 
 FAMILIES: dict[str, Family] = {
@@ -78,7 +96,9 @@ FAMILIES: dict[str, Family] = {
             },
             "wing_pattern": {p.capitalize(): p for p in PATTERNS},
             "beak_shape": {s.capitalize(): s for s in BEAK_SHAPES},
-        }
+        },
+        scale=DEMO_SCALE,
+        centre=DEMO_CENTRE,
     ),
     "pretrain": Family(
         {
@@ -93,6 +113,9 @@ FAMILIES: dict[str, Family] = {
             },
         }
     ),
+    # No classes: every attribute of every part drawn per image, over ranges that hold every other
+    # family's values (the widest colours, the sizes of both other families and more).
+    "generic": Family({}, scale=(0.3, 0.66), centre=(0.25, 0.75), wide_colours=True),
 }
 # The part each attribute axis belongs to (and class names such as "Red_head_Striped_wing_Hooked_beak").
 AXIS_PART: dict[str, str] = {
@@ -103,7 +126,7 @@ AXIS_PART: dict[str, str] = {
     "tail_shape": "tail",
     "tail_colour": "tail",
 }
-_FAMILY_SALT = {"default": 11, "pretrain": 23}
+_FAMILY_SALT = {"default": 11, "pretrain": 23, "generic": 37}
 _COLOUR_JITTER = 14
 _SUPERSAMPLE = 2
 _JPEG_QUALITY = 92
@@ -112,6 +135,8 @@ _JPEG_QUALITY = 92
 def class_definitions(family: str, num_classes: int) -> list[tuple[str, dict[str, str]]]:
     """The first ``num_classes`` classes of ``family``: ``(name, {axis: value name})`` each."""
     spec = FAMILIES[family]
+    if not spec.axes:
+        return [(f"Group_{index + 1}", {}) for index in range(num_classes)]
     combos = list(product(*(list(values) for values in spec.axes.values())))
     order = np.random.default_rng(_FAMILY_SALT[family]).permutation(len(combos))[:num_classes]
     classes = []
@@ -185,8 +210,18 @@ def _tail(shape: str, base: np.ndarray) -> np.ndarray:
     return np.array([[bx + 0.02, by - 0.07], [bx - 0.3, by - 0.08], [bx - 0.3, by + 0.08], [bx + 0.02, by + 0.07]])
 
 
-def _random_colour(rng: np.random.Generator) -> Colour:
-    r, g, b = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.15, 0.9), rng.uniform(0.25, 0.95))
+def _random_colour(rng: np.random.Generator, wide: bool = False) -> Colour:
+    """A colour from the mid range of saturation and brightness, or with ``wide`` from the whole solid.
+
+    The wide draw gives a grey (saturation below 0.1) one time in five, and brightness from near-black to
+    white, so that it covers the pure white and near-black head colours of the demo's classes.
+    """
+    if not wide:
+        r, g, b = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.15, 0.9), rng.uniform(0.25, 0.95))
+    else:
+        grey = rng.uniform() < 0.2
+        saturation = rng.uniform(0.0, 0.1) if grey else rng.uniform(0.1, 1.0)
+        r, g, b = colorsys.hsv_to_rgb(rng.uniform(), saturation, rng.uniform(0.05, 1.0))
     return (int(r * 255), int(g * 255), int(b * 255))
 
 
@@ -325,37 +360,37 @@ def _draw_sample(size: int, family: Family, attributes: dict[str, str], rng: np.
     """Draw one creature of the class with ``attributes`` (``{axis: value name}``) at ``size`` pixels."""
     big = size * _SUPERSAMPLE
     canvas = _Canvas(_background(big, rng, family), _SUPERSAMPLE)
+    wide = family.wide_colours
     # Patterned distractor blobs: the class patterns and colours also occur off the creature.
     for _ in range(2):
         canvas.set_pose(rng.uniform(0.0, 1.0, 2) * big, big * rng.uniform(0.2, 0.45), rng.uniform(-90, 90), False)
         canvas.shape(
             _ellipse(0.0, 0.0, 0.3, 0.15),
-            _random_colour(rng),
+            _random_colour(rng, wide),
             pattern=PATTERNS[int(rng.integers(len(PATTERNS)))],
-            pattern_colour=_random_colour(rng),
+            pattern_colour=_random_colour(rng, wide),
         )
 
     # Every attribute from the shared distribution, then the class's axes override theirs.
     look: dict[str, Any] = {
-        "head_colour": _random_colour(rng),
+        "head_colour": _random_colour(rng, wide),
         "wing_pattern": PATTERNS[int(rng.integers(len(PATTERNS)))],
         "beak_shape": BEAK_SHAPES[int(rng.integers(len(BEAK_SHAPES)))],
         "breast_pattern": PATTERNS[int(rng.integers(len(PATTERNS)))],
         "tail_shape": TAIL_SHAPES[int(rng.integers(len(TAIL_SHAPES)))],
-        "tail_colour": _random_colour(rng),
+        "tail_colour": _random_colour(rng, wide),
     }
     for axis, value_name in attributes.items():
         value = family.axes[axis][value_name]
         look[axis] = _jitter(value, rng) if isinstance(value, tuple) else value
-    body, wing, breast = _random_colour(rng), _random_colour(rng), _random_colour(rng)
-    beak_colour, leg_colour, eye_colour = _random_colour(rng), _random_colour(rng), _random_colour(rng)
+    body, wing, breast, beak_colour, leg_colour, eye_colour = (_random_colour(rng, wide) for _ in range(6))
 
     # Pose.
     head_tilt, wing_angle, tail_angle = rng.uniform(-20, 20), rng.uniform(-12, 30), rng.uniform(-20, 20)
     spread = rng.uniform(0.0, 0.08)
     canvas.set_pose(
-        origin=rng.uniform(0.25, 0.75, 2) * big,
-        scale=big * rng.uniform(0.32, 0.55),
+        origin=rng.uniform(*family.centre, 2) * big,
+        scale=big * rng.uniform(*family.scale),
         angle_deg=rng.uniform(-35, 35),
         mirror=bool(rng.uniform() < 0.5),
     )

@@ -1,22 +1,33 @@
-"""``ivpt pretrain-backbone``: train the demo ViT from scratch on a *different* synthetic task.
+"""``ivpt pretrain-backbone``: train the demo ViT from scratch on images that never show the demo's task.
 
 The demo adapts a frozen backbone to a new fine-grained task, as the paper adapts DINOv2 to birds. The
-backbone must therefore know images of this kind without knowing the task: it is trained on the
-``"pretrain"`` family of the synthetic generator, whose classes are defined by the breast pattern, tail
-shape and tail colour, while the demo's classes are defined by head colour, wing pattern and beak shape.
+backbone must therefore know images of this kind without knowing the task. By default it is trained on the
+``"generic"`` family of the synthetic generator: no classes at all, every attribute of every part (colours
+from the whole colour solid, every pattern, beak and tail shape, sizes and places) drawn per image over ranges
+that hold the demo classes' values; the objective uses no label of any kind but the renderer's per-pixel part
+map and the pixels themselves. (The ``"pretrain"`` family, whose classes are defined by the breast pattern,
+tail shape and tail colour, with its class-attribute term, trained the package's earlier files.)
 
 Recipe (:class:`ivpt.demo.recipe.PretrainRecipe`; everything derives from ``seed``, so the same command writes
-the same file on the same hardware, software and thread count). The default, which wrote the shipped file: 100
-classes x 100 images of 64 px drawn in memory (:func:`ivpt.data.synthetic.render_synthetic`), half of each
-class held out; random horizontal flips; 12 epochs of AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped
-at 2), batch 32, one warm-up epoch then cosine decay, one token per 4 x 4 pixel cell (``token_stride``); about
-22 minutes on two CPU threads. The images and the model live on the training device and batches are gathered
-there (the order and flips are those of the engine's :class:`~ivpt.engine.rng.EpochSampler` and
-:class:`~ivpt.engine.rng.SeededSamples`), so the same code scales to a GPU (bf16 autocast there) with more
-images (``per_class``), ``workers`` processes drawing them, and ``max_minutes`` as a guard for time-boxed
-machines.
+the same file on the same hardware, software and thread count). The default, which wrote the shipped file:
+100 groups x 200 images of 64 px drawn in memory (:func:`ivpt.data.synthetic.render_synthetic`), one per group
+held out; random horizontal flips; AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped at 2), batch 32,
+for ``compute=1``: the backbone passes of the earlier shipped file's 12 epochs (:func:`compute_multiple`),
+writing finished snapshots at 0.125x, 0.25x and 0.5x on the way (warm-up, constant rate, and each snapshot and the run
+decaying over the last fifth of its own compute); one token per 4 x 4 pixel cell (``token_stride``). The images
+and the model live on the training device and batches are gathered there (the order and flips are those of the
+engine's :class:`~ivpt.engine.rng.EpochSampler` and :class:`~ivpt.engine.rng.SeededSamples`), so the same code
+scales to a GPU (bf16 autocast there) with more images (``per_class``), ``workers`` processes drawing them, and
+``max_minutes`` as a guard for time-boxed machines.
 
-Supervised signals, all from the pretraining family's own annotations and pixels:
+Self-supervised signal (``distill_weight``, off by default, :mod:`ivpt.demo.distill`): each image seen in two
+random crops, the student's tokens partly masked, matching an exponential-moving-average teacher across the
+views (CLS) and on the masked tokens (patches), as DINO and iBOT do; every other term then reads the student's
+two masked views, with the part map warped alike. At the default rate and batch (30 times DINO's rate per image,
+an eighth of its smallest batch) both terms collapsed to the uniform distribution (loss ln 512) within 0.25x of
+the compute, and the features came out worse than the dense terms' alone at the same compute (docs/demo.md).
+
+Dense signals from the renderer (its part map) and the pixels, and the class term of a family with classes:
 
 - ``attributes``: the class's three attributes (5 breast patterns, 4 tail shapes, 5 tail colours), one
   softmax each, from the CLS token and from the mean patch token (label smoothing 0.1);
@@ -41,8 +52,10 @@ Supervised signals, all from the pretraining family's own annotations and pixels
   the cell targets say what a token's few pixels look like, this one makes the tokens of one part agree
   on what the part looks like, which is what pooling a region (IVPT's prompts and classifier) reads.
 
-The dense terms weigh 1 in the minimised sum and the class-attribute term 0.1 by default
-(``appearance_weight`` and ``attribute_weight`` change them). At attribute weight 1, the weight of the
+Every term weighs 1 in the minimised sum by default, the class-attribute term 0 (the generic family has no
+classes; ``part_weight``, ``appearance_weight``, ``part_appearance_weight``, ``distill_weight`` and
+``attribute_weight`` change them; a term at weight 0 is not computed). On the ``"pretrain"`` family the earlier
+files weighed the class term 0.1: at attribute weight 1, the weight of the
 package's first 16 x 16 file, that term's gradient dominates the sum and teaches the tokens to drop what
 the pretraining classes do not need: the head colour, a random nuisance in every pretraining image, could
 be read off the true head's tokens of the diagnostic images (below) only 67 % of the time, ideal part
@@ -69,6 +82,8 @@ diagnostics; docs/demo.md quotes those of the shipped file.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import shlex
@@ -87,9 +102,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ivpt.checkpoint import write_atomically
-from ivpt.config import OptimConfig
 from ivpt.data.synthetic import SyntheticArrays, render_synthetic
-from ivpt.demo.recipe import TOKEN_STRIDES, PretrainRecipe
+from ivpt.demo.recipe import PRETRAIN_FAMILIES, TOKEN_STRIDES, PretrainRecipe
+from ivpt.engine.oracle import part_pooled_features, probe_accuracy
 from ivpt.errors import IVPTError
 from ivpt.model.demo_vit import DEMO_ARCH, DEMO_VIT_ARGS, STEM_CHANNELS
 from ivpt.outputs import prepare_output_dir
@@ -99,6 +114,8 @@ FOREGROUND_WEIGHT = 3.0
 WEIGHT_DECAY = 0.05
 WARMUP_EPOCHS = 1.0
 GRAD_CLIP = 2.0
+# With snapshots, each run (and each snapshot's branch) decays its rate over this last share of its steps.
+DECAY_SHARE = 0.2
 # Each token's cell is split into PART_SPLIT x PART_SPLIT sub-cells for the part targets.
 PART_SPLIT = 2
 
@@ -338,18 +355,29 @@ def token_stride(backbone: nn.Module) -> int:
     return int(backbone.patch_embed.img_size[-1]) // int(backbone.patch_embed.grid_size[-1])
 
 
-def normalised_depths(backbone: nn.Module, images: Tensor, first_block: int = 0) -> list[Tensor]:
+def normalised_depths(
+    backbone: nn.Module,
+    images: Tensor,
+    first_block: int = 0,
+    token_mask: Tensor | None = None,
+    mask_token: Tensor | None = None,
+) -> list[Tensor]:
     """Token sequences after blocks ``first_block..L-1``, each through the final norm (what IVPT's stages read).
 
     Args:
         backbone: a timm ViT.
         images: ``(B, 3, H, W)``.
         first_block: 0-based index of the first block whose output is returned.
+        token_mask: ``(B, n)`` bool, patch tokens whose embedding is replaced by ``mask_token (D,)`` before the
+            position embedding is added (the self-distillation's masked views).
 
     Returns:
         ``L - first_block`` tensors ``(B, T, D)`` (prefix tokens first); the last is the final output.
     """
-    tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
+    embedded = backbone.patch_embed(images)
+    if token_mask is not None and mask_token is not None:
+        embedded = torch.where(token_mask[..., None], mask_token.to(embedded.dtype), embedded)
+    tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(embedded)))
     outputs = []
     for index, block in enumerate(backbone.blocks):
         tokens = block(tokens)
@@ -361,13 +389,23 @@ def normalised_depths(backbone: nn.Module, images: Tensor, first_block: int = 0)
 class _PretrainModel(nn.Module):
     """The demo ViT with the pretraining heads (see the module docstring).
 
-    ``forward(images (B, 3, S, S))`` returns ``(cls_logits, patch_logits, depths)``: two lists of ``(B, V_a)``
-    attribute logits, one per attribute axis ``a`` with ``V_a`` values, and the normalised patch tokens
-    ``(B, h*w, D)`` of every supervised depth (the last is the final output); :meth:`dense` maps one of
-    those to part logits and appearance predictions.
+    ``forward(images (B, 3, S, S), token_mask=None)`` returns ``(cls_logits, patch_logits, depths, cls_token)``:
+    two lists of ``(B, V_a)`` attribute logits, one per attribute axis ``a`` with ``V_a`` values (empty for a
+    family without classes), the normalised patch tokens ``(B, h*w, D)`` of every supervised depth (the last
+    is the final output) and the final normalised CLS token ``(B, D)``; :meth:`dense` maps one of the depths
+    to part logits and appearance predictions. With ``distill``, :attr:`distillation` holds the
+    self-distillation's head, mask token and teacher (:mod:`ivpt.demo.distill`), and ``token_mask (B, h*w)``
+    masks the student's tokens.
     """
 
-    def __init__(self, backbone: nn.Module, sizes: tuple[int, ...], num_parts: int, appearance: str = "cell") -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sizes: tuple[int, ...],
+        num_parts: int,
+        appearance: str = "cell",
+        distill: bool = False,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.token_stride = token_stride(backbone)
@@ -375,22 +413,34 @@ class _PretrainModel(nn.Module):
         self.num_parts = num_parts
         self.appearance = appearance
         dim = backbone.embed_dim
-        self.cls_head = nn.Linear(dim, sum(sizes))
-        self.patch_head = nn.Linear(dim, sum(sizes))
+        # A family without classes has no attribute heads (nn.Linear(dim, 0) would warn at initialisation).
+        self.cls_head = nn.Linear(dim, sum(sizes)) if sizes else nn.Identity()
+        self.patch_head = nn.Linear(dim, sum(sizes)) if sizes else nn.Identity()
         self.part_head = nn.Linear(dim, PART_SPLIT * PART_SPLIT * (num_parts + 1))
         self.appearance_head = nn.Linear(dim, APPEARANCE[appearance].dims)
         # One centroid per part (and background) scored like IVPT's concept maps: softmax(-||z - c||^2).
         self.part_centroids = nn.Parameter(torch.randn(num_parts + 1, dim))
         # Created last: the heads above start as they did before this one existed.
         self.part_appearance_head = nn.Linear(dim, PART_DESCRIPTOR_DIMS)
+        self.distillation = None
+        if distill:
+            from ivpt.demo.distill import SelfDistillation
 
-    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        sequences = normalised_depths(self.backbone, images, FIRST_SUPERVISED_BLOCK)
+            self.distillation = SelfDistillation(backbone)
+
+    def forward(
+        self, images: Tensor, token_mask: Tensor | None = None
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
+        mask_token = None if self.distillation is None else self.distillation.mask_token
+        sequences = normalised_depths(self.backbone, images, FIRST_SUPERVISED_BLOCK, token_mask, mask_token)
         start = self.backbone.num_prefix_tokens
         depths = [sequence[:, start:] for sequence in sequences]
-        cls_logits = self.cls_head(sequences[-1][:, 0]).split(self.sizes, dim=1)
+        cls_token = sequences[-1][:, 0]
+        if not self.sizes:
+            return [], [], depths, cls_token
+        cls_logits = self.cls_head(cls_token).split(self.sizes, dim=1)
         patch_logits = self.patch_head(depths[-1].mean(dim=1)).split(self.sizes, dim=1)
-        return list(cls_logits), list(patch_logits), depths
+        return list(cls_logits), list(patch_logits), depths, cls_token
 
     def dense(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, h*w, D)`` -> part logits ``(B, h*w, split*split, P + 1)``, centroid logits ``(B, h*w, P + 1)``
@@ -401,13 +451,15 @@ class _PretrainModel(nn.Module):
 
 
 def loss_weights(recipe: PretrainRecipe) -> dict[str, float]:
-    """The weight of each term of :func:`_losses` in the minimised sum."""
+    """The weight of each term of :func:`_losses` in the minimised sum (terms at weight 0 are not computed)."""
     return {
         "attributes": recipe.attribute_weight,
-        "parts": 1.0,
-        "geometry": 1.0,
+        "parts": recipe.part_weight,
+        "geometry": recipe.part_weight,
         "appearance": recipe.appearance_weight,
         "part_appearance": recipe.part_appearance_weight,
+        "distill_cls": recipe.distill_weight,
+        "distill_patch": recipe.distill_weight,
     }
 
 
@@ -434,47 +486,110 @@ def descriptor_statistics(images: _DeviceImages, num_parts: int, batch_size: int
     return mean.float(), std.float()
 
 
+def _final_sequence(backbone: nn.Module, images: Tensor) -> Tensor:
+    """``(B, T, D)``: the final normalised token sequence (CLS first) of a timm ViT."""
+    return normalised_depths(backbone, images, len(backbone.blocks) - 1)[-1]
+
+
 def _losses(
     model: _PretrainModel,
     batch: dict[str, Tensor],
     targets: Tensor,
+    names: list[str],
     descriptor_scale: tuple[Tensor, Tensor] | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """The pretraining terms (see the module docstring), unweighted, in fp32; :func:`loss_weights` gives
-    the weights of their minimised sum. ``descriptor_scale`` (:func:`descriptor_statistics`) switches the
-    part-appearance term on; without it the term is not computed."""
-    images = batch["image"]
-    cls_logits, patch_logits, depths = model(images)
-    wanted = targets[batch["label"]]  # (B, A)
-    attributes = sum(
-        F.cross_entropy(logits.float(), wanted[:, axis], label_smoothing=LABEL_SMOOTHING)
-        for head in (cls_logits, patch_logits)
-        for axis, logits in enumerate(head)
+    """The pretraining terms ``names`` (see the module docstring), unweighted, in fp32; :func:`loss_weights`
+    gives the weights of their minimised sum. ``descriptor_scale`` (:func:`descriptor_statistics`) is needed by
+    the part-appearance term.
+
+    Without self-distillation every term reads the batch as it is. With it (``model.distillation``), each
+    image is seen in two random views (:func:`ivpt.demo.distill.random_views`, drawn from ``generator``), the
+    student's tokens partly masked; the teacher reads the unmasked views, and every other term the student's
+    masked views with their warped part maps (averaged over the two views).
+    """
+    if model.distillation is None:
+        return _view_terms(model, batch["image"], batch["part_ids"], batch["label"], targets, names, descriptor_scale)
+    from ivpt.demo.distill import random_token_mask, random_views
+
+    if generator is None:
+        raise IVPTError("pretrain-backbone: self-distillation needs a generator for its views and masks")
+    distillation = model.distillation
+    views = [random_views(batch["image"], batch["part_ids"], generator) for _ in range(2)]
+    batch_size, tokens = batch["image"].shape[0], len(batch["part_ids"][0].flatten()) // model.token_stride**2
+    masks = [random_token_mask(batch_size, tokens, generator, batch["image"].device) for _ in range(2)]
+    teacher = [distillation.teacher_outputs(view, _final_sequence) for view, _ in views]
+    student_cls, student_patches = [], []
+    per_view: list[dict[str, Tensor]] = []
+    for (view, view_ids), mask in zip(views, masks, strict=True):
+        per_view.append(
+            _view_terms(model, view, view_ids, batch["label"], targets, names, descriptor_scale, mask, student_cls)
+        )
+        student_patches.append(per_view[-1].pop("_final_tokens"))
+    terms = {name: (per_view[0][name] + per_view[1][name]) / 2 for name in per_view[0]}
+    distilled = distillation.losses(
+        (student_cls[0], student_cls[1]),
+        (student_patches[0], student_patches[1]),
+        (masks[0], masks[1]),
+        (teacher[0][0], teacher[1][0]),
+        (teacher[0][1], teacher[1][1]),
     )
-    shares = part_shares(batch["part_ids"], model.num_parts, model.token_stride)  # (B, n, cells, P + 1)
+    terms.update({name: value for name, value in distilled.items() if name in names})
+    return {name: terms[name] for name in names}
+
+
+def _view_terms(
+    model: _PretrainModel,
+    images: Tensor,
+    part_ids: Tensor,
+    labels: Tensor,
+    targets: Tensor,
+    names: list[str],
+    descriptor_scale: tuple[Tensor, Tensor] | None,
+    token_mask: Tensor | None = None,
+    cls_tokens: list[Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """The terms of ``names`` other than the distillation's on one view of the batch.
+
+    With ``cls_tokens`` (a list), the view's final CLS token is appended to it and the final patch tokens are
+    returned under ``_final_tokens`` (what the distillation needs from the student).
+    """
+    cls_logits, patch_logits, depths, cls_token = model(images, token_mask)
+    terms: dict[str, Tensor] = {}
+    if "attributes" in names:
+        wanted = targets[labels]  # (B, A)
+        terms["attributes"] = sum(
+            F.cross_entropy(logits.float(), wanted[:, axis], label_smoothing=LABEL_SMOOTHING)
+            for head in (cls_logits, patch_logits)
+            for axis, logits in enumerate(head)
+        )
+    shares = part_shares(part_ids, model.num_parts, model.token_stride)  # (B, n, cells, P + 1)
     weights = 1.0 + FOREGROUND_WEIGHT * (1.0 - shares[..., 0])  # (B, n, cells)
-    appearance = appearance_targets(images, model.token_stride, model.appearance)
     token_shares = shares.mean(dim=2)  # (B, n, P + 1)
     token_weights = weights.mean(dim=2)
-    parts = images.new_zeros(())
-    geometry = images.new_zeros(())
-    colours = images.new_zeros(())
-    for tokens in depths:
-        part_logits, centroid_logits, predicted = model.dense(tokens)
-        per_cell = -(shares * part_logits.float().log_softmax(dim=-1)).sum(dim=-1)
-        parts = parts + (per_cell * weights).sum() / weights.sum()
-        per_token = -(token_shares * centroid_logits.log_softmax(dim=-1)).sum(dim=-1)
-        geometry = geometry + (per_token * token_weights).sum() / token_weights.sum()
-        colours = colours + F.smooth_l1_loss(predicted.float(), appearance)
-    count = len(depths)
-    terms = {
-        "attributes": attributes,
-        "parts": parts / count,
-        "geometry": geometry / count,
-        "appearance": colours / count,
-    }
-    if descriptor_scale is not None:
-        terms["part_appearance"] = _part_appearance(model, batch, depths, token_shares, descriptor_scale)
+    dense = [name for name in ("parts", "geometry", "appearance") if name in names]
+    if dense:
+        appearance = appearance_targets(images, model.token_stride, model.appearance)
+        sums = dict.fromkeys(dense, images.new_zeros(()))
+        for tokens in depths:
+            part_logits, centroid_logits, predicted = model.dense(tokens)
+            if "parts" in sums:
+                per_cell = -(shares * part_logits.float().log_softmax(dim=-1)).sum(dim=-1)
+                sums["parts"] = sums["parts"] + (per_cell * weights).sum() / weights.sum()
+            if "geometry" in sums:
+                per_token = -(token_shares * centroid_logits.log_softmax(dim=-1)).sum(dim=-1)
+                sums["geometry"] = sums["geometry"] + (per_token * token_weights).sum() / token_weights.sum()
+            if "appearance" in sums:
+                sums["appearance"] = sums["appearance"] + F.smooth_l1_loss(predicted.float(), appearance)
+        terms.update({name: value / len(depths) for name, value in sums.items()})
+    if "part_appearance" in names:
+        if descriptor_scale is None:
+            raise IVPTError("pretrain-backbone: the part-appearance term needs the descriptor statistics")
+        view = {"image": images, "part_ids": part_ids}
+        terms["part_appearance"] = _part_appearance(model, view, depths, token_shares, descriptor_scale)
+    if cls_tokens is not None:
+        cls_tokens.append(cls_token)
+        terms["_final_tokens"] = depths[-1]
     return terms
 
 
@@ -510,7 +625,7 @@ def _test_accuracy(model: _PretrainModel, images: _DeviceImages, targets: Tensor
     model.eval()
     correct = 0
     for batch in images.in_order(batch_size):
-        cls_logits, _, _ = model(batch["image"])
+        cls_logits, _, _, _ = model(batch["image"])
         predicted = torch.stack([logits.argmax(dim=1) for logits in cls_logits], dim=1)  # (B, A)
         correct += int((predicted == targets[batch["label"]]).all(dim=1).sum())
     model.train()
@@ -577,35 +692,6 @@ def part_centroid_nmi(features: Tensor, shares: Tensor, is_train: Tensor) -> flo
     nearest = present[torch.cdist(test_points, prototypes).argmin(dim=1)]
     parts = majority[test].flatten()[foreground]
     return 100.0 * float(normalized_mutual_info_score(parts.numpy(), nearest.numpy()))
-
-
-def probe_accuracy(features: Tensor, labels: Tensor, is_train: Tensor) -> float:
-    """Test accuracy (%) of a logistic-regression probe fit on the training rows of ``features (N, D)``.
-
-    Features are standardised with the training rows' statistics first.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    train, test = is_train.numpy().astype(bool), ~is_train.numpy().astype(bool)
-    points, classes = features.double().numpy(), labels.numpy()
-    scaler = StandardScaler().fit(points[train])
-    probe = LogisticRegression(max_iter=3000).fit(scaler.transform(points[train]), classes[train])
-    return 100.0 * float(probe.score(scaler.transform(points[test]), classes[test]))
-
-
-def part_pooled_features(tokens: Tensor, shares: Tensor) -> Tensor:
-    """Tokens averaged over each true part, weighted by the part's share of each token.
-
-    Args:
-        tokens: ``(N, n, D)``.
-        shares: ``(N, n, P + 1)`` part shares under each token (column 0: background).
-
-    Returns:
-        ``(N, P * D)``: the P foreground parts' mean tokens side by side (zeros for a part not in the image).
-    """
-    weights = shares[..., 1:] / shares[..., 1:].sum(dim=1, keepdim=True).clamp_min(1e-6)
-    return torch.einsum("bnp,bnd->bpd", weights, tokens).flatten(1)
 
 
 def attribute_probes(tokens: Tensor, shares: Tensor, data: SyntheticArrays, family: str) -> dict[str, float | None]:
@@ -711,13 +797,16 @@ def _pretraining_images(recipe: PretrainRecipe, data_dir: Path | None, workers: 
         per_class=recipe.per_class,
         size=size,
         seed=recipe.seed + _DATA_SEED_OFFSET,
-        family="pretrain",
+        family=recipe.family,
         test_per_class=recipe.test_per_class,
     )
     cache = None
     if data_dir is not None:
         held_out = "half" if recipe.test_per_class is None else recipe.test_per_class
-        name = f"pretrain_seed{settings['seed']}_{size}px_{recipe.num_classes}x{recipe.per_class}_test{held_out}.npz"
+        name = (
+            f"{recipe.family}_seed{settings['seed']}_{size}px_{recipe.num_classes}x{recipe.per_class}"
+            f"_test{held_out}.npz"
+        )
         cache = Path(data_dir) / name
         if cache.is_file():
             with np.load(cache) as stored:
@@ -728,6 +817,31 @@ def _pretraining_images(recipe: PretrainRecipe, data_dir: Path | None, workers: 
     return data
 
 
+# Backbone passes of the recipe that wrote the package's earlier shipped file (12 epochs of 156 batches of 32
+# images, one forward and a backward counted as two): the unit of :func:`compute_multiple`.
+REFERENCE_PASSES = 12 * (5000 // 32) * 32 * 3
+
+
+def passes_per_image(recipe: PretrainRecipe) -> int:
+    """Backbone passes a training image costs: a student's forward and backward count 3, a teacher's forward
+    1; with self-distillation each image is seen in two views by both. The small heads are not counted."""
+    return 2 * (3 + 1) if recipe.distill_weight > 0 else 3
+
+
+def compute_multiple(recipe: PretrainRecipe, steps: int) -> float:
+    """Training compute of ``steps`` optimizer steps of ``recipe``, in units of the earlier shipped file's
+    (:data:`REFERENCE_PASSES`)."""
+    return steps * recipe.batch_size * passes_per_image(recipe) / REFERENCE_PASSES
+
+
+def training_steps(recipe: PretrainRecipe, steps_per_epoch: int) -> int:
+    """Optimizer steps of ``recipe``: ``epochs`` full epochs, or with ``compute`` set the steps that spend
+    that multiple of :data:`REFERENCE_PASSES` (at least one)."""
+    if recipe.compute:
+        return max(1, round(recipe.compute * REFERENCE_PASSES / (recipe.batch_size * passes_per_image(recipe))))
+    return steps_per_epoch * recipe.epochs
+
+
 def _command(out: Path, recipe: PretrainRecipe) -> str:
     """The ``ivpt pretrain-backbone`` line that reproduces ``recipe`` (non-default options only)."""
     parts = ["ivpt", "pretrain-backbone", "--out", shlex.quote(out.name)]
@@ -736,7 +850,11 @@ def _command(out: Path, recipe: PretrainRecipe) -> str:
         value = getattr(recipe, field.name)
         # The seed and the epochs are always written: they are what one changes to get another file.
         if field.name in ("seed", "epochs") or value != getattr(default, field.name):
-            parts += [f"--{field.name.replace('_', '-')}", str(value)]
+            if isinstance(value, tuple):
+                shown = ",".join(f"{v:g}" for v in value) or "none"
+            else:
+                shown = "none" if value is None else str(value)
+            parts += [f"--{field.name.replace('_', '-')}", shown]
     return " ".join(parts)
 
 
@@ -779,8 +897,7 @@ def pretrain_backbone(
     import timm
 
     from ivpt.engine.distributed import resolve_device
-    from ivpt.engine.rng import seed_everything
-    from ivpt.engine.schedule import build_scheduler
+    from ivpt.engine.rng import sample_seed, seed_everything
 
     recipe = recipe or PretrainRecipe()
     out = Path(out)
@@ -799,10 +916,31 @@ def pretrain_backbone(
             f"pretrain-backbone: --test-per-class ({recipe.test_per_class}) must be below --per-class "
             f"({recipe.per_class}): some images of each class must be left for training"
         )
-    for name in ("appearance_weight", "attribute_weight", "part_appearance_weight"):
+    for name in ("appearance_weight", "attribute_weight", "part_appearance_weight", "part_weight", "distill_weight"):
         value = getattr(recipe, name)
         if not math.isfinite(value) or value < 0:
             raise IVPTError(f"pretrain-backbone: --{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if recipe.family not in PRETRAIN_FAMILIES:
+        raise IVPTError(
+            f"pretrain-backbone: --family must be one of {', '.join(PRETRAIN_FAMILIES)}, got {recipe.family!r}"
+        )
+    if recipe.family == "generic" and recipe.attribute_weight > 0:
+        raise IVPTError(
+            "pretrain-backbone: the 'generic' family has no classes; set --attribute-weight 0 "
+            f"(got {recipe.attribute_weight})"
+        )
+    if recipe.compute is not None and not (math.isfinite(recipe.compute) and recipe.compute > 0):
+        raise IVPTError(f"pretrain-backbone: --compute must be a positive number, got {recipe.compute}")
+    if recipe.snapshots and recipe.compute is None:
+        raise IVPTError("pretrain-backbone: --snapshots needs --compute (the run's own length)")
+    for snapshot in recipe.snapshots:
+        if not 0 < snapshot < (recipe.compute or 0):
+            raise IVPTError(
+                f"pretrain-backbone: every --snapshots value must lie between 0 and --compute ({recipe.compute}), "
+                f"got {snapshot}"
+            )
+    if not any(value > 0 for value in loss_weights(recipe).values()):
+        raise IVPTError("pretrain-backbone: every loss weight is 0; nothing would be trained")
     if recipe.lr <= 0:
         raise IVPTError(f"pretrain-backbone: --lr must be positive, got {recipe.lr}")
     if recipe.token_stride not in TOKEN_STRIDES:
@@ -817,7 +955,7 @@ def pretrain_backbone(
     started = time.perf_counter()
     if progress:
         print(
-            f"pretrain-backbone: drawing the synthetic 'pretrain' family, {recipe.num_classes} classes x "
+            f"pretrain-backbone: drawing the synthetic '{recipe.family}' family, {recipe.num_classes} classes x "
             f"{recipe.per_class} images ({workers} worker(s))",
             flush=True,
         )
@@ -833,81 +971,147 @@ def pretrain_backbone(
     seed_everything(recipe.seed)
     arch_args = {**(arch_args or {}), "token_stride": recipe.token_stride}
     backbone = timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0, **arch_args)
-    targets, sizes = attribute_targets("pretrain", recipe.num_classes)
-    model = _PretrainModel(backbone, sizes, int(data.part_ids.max()), recipe.appearance).to(target_device)
+    targets, sizes = attribute_targets(recipe.family, recipe.num_classes)
+    distill = recipe.distill_weight > 0
+    model = _PretrainModel(backbone, sizes, int(data.part_ids.max()), recipe.appearance, distill).to(target_device)
     targets = targets.to(target_device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=WEIGHT_DECAY)
-    schedule = OptimConfig(scheduler="cosine", warmup_epochs=WARMUP_EPOCHS)
-    scheduler = build_scheduler(optimizer, schedule, steps_per_epoch, recipe.epochs)
+    total_steps = training_steps(recipe, steps_per_epoch)
+    snapshot_steps = {
+        compute: training_steps(dataclasses.replace(recipe, compute=compute), steps_per_epoch)
+        for compute in sorted(recipe.snapshots)
+    }
+    # The warm-up takes the share of the run it takes in the 12-epoch recipe (one epoch): of the smallest
+    # snapshot's run when there are snapshots (every branch then warms up alike), of the run when --compute
+    # sets its length, and one epoch otherwise.
+    if snapshot_steps:
+        warmup_steps = round(min(snapshot_steps.values()) * WARMUP_EPOCHS / 12)
+    elif recipe.compute:
+        warmup_steps = round(total_steps * WARMUP_EPOCHS / 12)
+    else:
+        warmup_steps = round(WARMUP_EPOCHS * steps_per_epoch)
+    # Without snapshots: one cosine decay after the warm-up. With them (warm-up, stable, decay): a constant
+    # rate, each snapshot a branch that decays over the last DECAY_SHARE of its own length, as does the run.
+    decay_start = round((1 - DECAY_SHARE) * total_steps) if snapshot_steps else warmup_steps
     use_bf16 = target_device.type == "cuda"
     weights = loss_weights(recipe)
+    # A switched-off term is not computed at all.
+    names = [name for name, weight in weights.items() if weight > 0]
     descriptor_scale = None
-    if weights["part_appearance"] > 0:
+    if "part_appearance" in names:
         descriptor_scale = descriptor_statistics(train_set, model.num_parts)
-    # A switched-off part-appearance term is not computed at all (the others always are).
-    names = [name for name in weights if name != "part_appearance" or descriptor_scale is not None]
-    epoch_started = time.perf_counter()
+    orders: dict[int, tuple[Tensor, Tensor]] = {}
+    training_started = time.perf_counter()
 
-    epochs_completed = 0
-    for epoch in range(recipe.epochs):
-        order, flips = epoch_order(len(train_set), recipe.seed, epoch)
-        model.train()
+    def run(net: _PretrainModel, opt: torch.optim.Optimizer, first: int, last: int, decay_from: int, label: str) -> int:
+        """Optimizer steps ``first..last - 1`` of ``net``, the rate decaying from step ``decay_from`` to ``last``;
+        returns the steps done (fewer when --max-minutes passes)."""
+        net.train()
         sums = torch.zeros(len(names), device=target_device)
-        for step in tqdm(
-            range(steps_per_epoch), desc=f"pretrain {epoch + 1}/{recipe.epochs}", disable=not progress, leave=False
-        ):
-            rows = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
+        counted, done = 0, first
+        for step in tqdm(range(first, last), desc=f"pretrain {label}", disable=not progress, leave=False):
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = epoch_order(len(train_set), recipe.seed, epoch)
+            order, flips = orders[epoch]
+            rows = slice(position * recipe.batch_size, (position + 1) * recipe.batch_size)
             batch = train_set.batch(order[rows], flips[rows])
+            generator = None
+            if distill:
+                generator = torch.Generator().manual_seed(sample_seed(recipe.seed, epoch, position))
+            for group in opt.param_groups:
+                group["lr"] = recipe.lr * _rate_multiplier(step, last, warmup_steps, decay_from)
             with torch.autocast(target_device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                terms = _losses(model, batch, targets, descriptor_scale)
-            optimizer.zero_grad(set_to_none=True)
+                terms = _losses(net, batch, targets, names, descriptor_scale, generator)
+            opt.zero_grad(set_to_none=True)
             sum(weights[name] * value for name, value in terms.items()).backward()
-            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            scheduler.step()
+            nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
+            opt.step()
+            done = step + 1
+            if net.distillation is not None:
+                net.distillation.update_teacher(net.backbone, done / total_steps)
             sums += torch.stack([value.detach() for value in terms.values()])
-        if progress:
-            averages = (sums / steps_per_epoch).tolist()
-            means = " ".join(f"{name} {value:.3f}" for name, value in zip(terms, averages, strict=True))
-            rate = (epoch + 1) * steps_per_epoch * recipe.batch_size / (time.perf_counter() - epoch_started)
-            print(f"pretrain-backbone: epoch {epoch + 1}/{recipe.epochs} {means} ({rate:.0f} img/s)", flush=True)
-        epochs_completed = epoch + 1
-        out_of_time = max_minutes is not None and time.perf_counter() - epoch_started > 60.0 * max_minutes
-        if out_of_time and epochs_completed < recipe.epochs:
-            if progress:
-                print(f"pretrain-backbone: --max-minutes {max_minutes} passed after epoch {epochs_completed}; saving")
-            break
-    accuracy = _test_accuracy(model, test_set, targets, batch_size=max(recipe.batch_size, 256))
+            counted += 1
+            if position == steps_per_epoch - 1 or done == last:
+                if progress:
+                    means = " ".join(f"{n} {v:.3f}" for n, v in zip(names, (sums / counted).tolist(), strict=True))
+                    rate = (done - first) * recipe.batch_size / (time.perf_counter() - training_started)
+                    print(f"pretrain-backbone: {label} step {done}/{last} {means} ({rate:.0f} img/s)", flush=True)
+                sums.zero_()
+                counted = 0
+                out_of_time = max_minutes is not None and time.perf_counter() - training_started > 60.0 * max_minutes
+                if out_of_time and done < last:
+                    if progress:
+                        print(f"pretrain-backbone: --max-minutes {max_minutes} passed after step {done}; saving")
+                    break
+        return done
 
-    diagnostics: dict[str, Any] = {}
-    if diagnose:
-        demo_images = render_synthetic(
-            num_classes=_DIAGNOSTIC_CLASSES,
-            per_class=_DIAGNOSTIC_PER_CLASS,
-            size=int(DEMO_VIT_ARGS["img_size"]),
-            seed=recipe.seed + _DIAGNOSTIC_SEED_OFFSET,
+    def finish(net: _PretrainModel, path: Path, steps_done: int) -> None:
+        """Score ``net`` and write its backbone to ``path``."""
+        accuracy = None
+        if sizes:  # a family without classes has no pretraining task to score
+            accuracy = _test_accuracy(net, test_set, targets, batch_size=max(recipe.batch_size, 256))
+        diagnostics: dict[str, Any] = {}
+        if diagnose:
+            demo_images = render_synthetic(
+                num_classes=_DIAGNOSTIC_CLASSES,
+                per_class=_DIAGNOSTIC_PER_CLASS,
+                size=int(DEMO_VIT_ARGS["img_size"]),
+                seed=recipe.seed + _DIAGNOSTIC_SEED_OFFSET,
+            )
+            diagnostics = feature_diagnostics(net.backbone, demo_images, device=target_device)
+        record: dict[str, Any] = dict(
+            asdict(recipe),
+            epochs_completed=steps_done // steps_per_epoch,
+            train_images=len(train_set),
+            test_images=len(test_set),
+            test_accuracy=None if accuracy is None else round(accuracy, 2),
+            steps=steps_done,
+            compute=round(compute_multiple(recipe, steps_done), 3),
+            diagnostics=diagnostics,
+            device=torch.cuda.get_device_name(target_device) if use_bf16 else "cpu",
+            precision="bf16" if use_bf16 else "fp32",
+            minutes=round((time.perf_counter() - started) / 60.0, 1),
+            threads=torch.get_num_threads(),
+            command=_command(out, recipe),
         )
-        diagnostics = feature_diagnostics(backbone, demo_images, device=target_device)
+        _save_backbone(copy.deepcopy(net.backbone).cpu(), path, record, arch_args)
+        if progress:
+            if accuracy is not None:
+                print(f"pretrain-backbone: held-out attribute accuracy {accuracy:.2f}% on {len(test_set)} images")
+            if diagnostics:
+                print(f"pretrain-backbone: {path.name}: demo-family diagnostics {json.dumps(diagnostics)}")
 
-    record: dict[str, Any] = dict(
-        asdict(recipe),
-        epochs_completed=epochs_completed,
-        train_images=len(train_set),
-        test_images=len(test_set),
-        test_accuracy=round(accuracy, 2),
-        diagnostics=diagnostics,
-        device=torch.cuda.get_device_name(target_device) if use_bf16 else "cpu",
-        precision="bf16" if use_bf16 else "fp32",
-        minutes=round((time.perf_counter() - started) / 60.0, 1),
-        threads=torch.get_num_threads(),
-        command=_command(out, recipe),
-    )
-    _save_backbone(backbone.cpu(), out, record, arch_args)
-    if progress:
-        print(f"pretrain-backbone: held-out attribute accuracy {accuracy:.2f}% on {len(test_set)} images")
-        if diagnostics:
-            print(f"pretrain-backbone: demo-family diagnostics {json.dumps(diagnostics)}")
+    done = 0
+    for compute, branch_end in snapshot_steps.items():
+        branch_start = round((1 - DECAY_SHARE) * branch_end)
+        done = run(model, optimizer, done, branch_start, decay_start, "trunk")
+        if done < branch_start:
+            break
+        branch = copy.deepcopy(model)
+        branch_optimizer = torch.optim.AdamW(branch.parameters(), lr=recipe.lr, weight_decay=WEIGHT_DECAY)
+        branch_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        branch_done = run(branch, branch_optimizer, branch_start, branch_end, branch_start, f"snapshot {compute:g}x")
+        finish(branch, snapshot_path(out, compute), branch_done)
+        del branch, branch_optimizer
+    done = run(model, optimizer, done, total_steps, decay_start, "run")
+    finish(model, out, done)
     return out
+
+
+def snapshot_path(out: Path, compute: float) -> Path:
+    """Where :func:`pretrain_backbone` writes the snapshot at ``compute`` of a run writing ``out``."""
+    return out.with_name(f"{out.stem}_c{compute:g}{out.suffix}")
+
+
+def _rate_multiplier(step: int, last: int, warmup_steps: int, decay_from: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) over the peak: a linear warm-up over
+    ``warmup_steps``, then constant until ``decay_from``, then half a cosine to 0 at ``last``. With
+    ``decay_from == warmup_steps`` this is :class:`ivpt.engine.schedule.StepSchedule`'s cosine."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    progress = min(1.0, max(0.0, (step - decay_from) / max(1, last - decay_from)))
+    return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _save_backbone(backbone: nn.Module, out: Path, recipe: dict[str, Any], arch_args: dict[str, Any]) -> None:

@@ -8,7 +8,10 @@
 4. explain a few test images with IVPT (:func:`ivpt.viz.explain.explain_files`, ``ivpt explain``) and
    write its HTML report (:func:`ivpt.viz.report.build_report`, ``ivpt report``; its concept statistics
    gathered during IVPT's scoring pass over the test split, not in a pass of their own);
-5. print a table and write ``OUT/results.json``.
+5. score the data set's true part masks and two sets of maps that ignore the image with the same
+   protocols (:mod:`ivpt.engine.oracle`, ``ivpt eval --oracle``): the ``oracle``, ``fixed_parts`` and
+   ``fixed_grid`` rows that every other row is read between;
+6. print a table and write ``OUT/results.json``.
 
 Every step is the function behind a CLI command, called with the config a user would pass: each run's
 ``OUT/runs/<method>/config.yaml`` reproduces it with ``ivpt train -c``.
@@ -32,6 +35,9 @@ METHODS: tuple[str, ...] = ("ivpt", "vpt_deep", "linear_probe")
 # The columns of the results table, keys of ``results.json`` and of ``ivpt eval``'s results.
 TABLE_METRICS: tuple[str, ...] = ("accuracy", "consistency", "stability", "nmi", "ari", "kpr", "faithfulness")
 DATA_SEED = 0
+# The demo's train.seed (the prototypes' initialisation, the data order, flips and transforms); the targets
+# are read over it and seeds 1 and 2 (scripts/demo_seeds.py).
+DEMO_SEED = 42
 # The token stride of ``ivpt pretrain-backbone`` files that do not record one (the option came later).
 LEGACY_TOKEN_STRIDE = 8
 # ``ivpt eval`` notes start with the metric they concern; these are the ones behind the table's columns.
@@ -99,7 +105,6 @@ COMMON_OVERRIDES: tuple[str, ...] = (
     "optim.warmup_epochs=0",
     "train.precision=fp32",
     "train.device=auto",
-    "train.seed=42",
     "train.log_every_steps=5",
     # The demo scores every checkpoint with ``ivpt eval``; the trainer's own test pass would repeat it.
     "train.test_at_end=false",
@@ -186,9 +191,14 @@ def backbone_file_overrides(path: str | Path) -> list[str]:
 
 
 def demo_overrides(
-    method: str, plan: DemoPlan, data_root: Path, run_dir: Path, backbone_file: str | Path | None = None
+    method: str,
+    plan: DemoPlan,
+    data_root: Path,
+    run_dir: Path,
+    backbone_file: str | Path | None = None,
+    seed: int = DEMO_SEED,
 ) -> list[str]:
-    """The ``key=value`` overrides (of the default config) of one demo training run."""
+    """The ``key=value`` overrides (of the default config) of one demo training run (``seed``: ``train.seed``)."""
     if method not in METHOD_OVERRIDES:
         raise IVPTError(f"demo: unknown method '{method}'; expected one of {', '.join(METHOD_OVERRIDES)}")
     n_pro = ",".join(str(k) for k in plan.n_pro)
@@ -202,21 +212,42 @@ def demo_overrides(
         f"train.max_steps={plan.max_steps}",
         f"train.batch_size={plan.batch_size}",
         f"train.out_dir={run_dir}",
+        f"train.seed={seed}",
     ]
 
 
 def demo_config(
-    method: str, plan: DemoPlan, data_root: Path, run_dir: Path, backbone_file: str | Path | None = None
+    method: str,
+    plan: DemoPlan,
+    data_root: Path,
+    run_dir: Path,
+    backbone_file: str | Path | None = None,
+    seed: int = DEMO_SEED,
 ) -> Config:
     """The resolved config of one demo training run."""
-    cfg = apply_overrides(Config(), demo_overrides(method, plan, data_root, run_dir, backbone_file))
+    cfg = apply_overrides(Config(), demo_overrides(method, plan, data_root, run_dir, backbone_file, seed))
     validate(cfg)
     return cfg
 
 
-def table_row(results: dict[str, Any]) -> dict[str, Any]:
-    """The table's metrics from ``ivpt eval`` results, and the notes that explain any ``None`` among them."""
+# What the oracle rows are, in results.json's notes and under the printed table.
+ORACLE_NOTES: dict[str, str] = {
+    "oracle": "the true part masks scored as concept maps (one per part and the background, at the scored "
+    "stage's resolution); accuracy: a linear probe on the frozen backbone's tokens pooled over the true parts",
+    "fixed_parts": "maps that ignore the image: one peak per part at its mean keypoint location over the "
+    "training images (in the box crop for consistency and stability); no classifier",
+    "fixed_grid": "maps that ignore the image: one peak per concept of IVPT's scored stage on a fixed grid; "
+    "no classifier",
+}
+
+
+def table_row(results: dict[str, Any], oracle: str | None = None) -> dict[str, Any]:
+    """The table's metrics from ``ivpt eval`` results, and the notes that explain any ``None`` among them
+    (for an ``oracle`` row, one of :data:`ORACLE_NOTES`'s keys: what the row is)."""
     row: dict[str, Any] = {key: results.get(key) for key in TABLE_METRICS}
+    if oracle is not None:
+        row["notes"] = [ORACLE_NOTES[oracle]]
+        return row
     row["notes"] = [str(note) for note in results.get("notes", []) if str(note).split(":", 1)[0] in _NOTED_METRICS]
     return row
 
@@ -233,6 +264,9 @@ def format_results(rows: dict[str, dict[str, Any]]) -> str:
         "faithfulness = drop when the top part is removed minus drop for a random region)"
     )
     for method, row in rows.items():
+        if method in ORACLE_NOTES:
+            lines.append(f"note: {method}: {ORACLE_NOTES[method]}")
+            continue
         missing = [key for key in TABLE_METRICS if row[key] is None]
         if missing:
             # The full sentences are in results.json; one line per method keeps the table readable.
@@ -287,6 +321,7 @@ def run_demo(
     methods: Sequence[str] = METHODS,
     backbone_file: str | Path | None = None,
     jobs: int | None = None,
+    seed: int = DEMO_SEED,
 ) -> dict[str, dict[str, Any]]:
     """Run the demo (see the module docstring) into ``out_dir``.
 
@@ -303,6 +338,7 @@ def run_demo(
             in the rest; :mod:`ivpt.demo.jobs` says why), the cores shared out between them; 1 runs
             everything in this process, one method after the other. ``None``:
             :func:`~ivpt.demo.jobs.default_jobs` (2 on a machine with 2 cores or more).
+        seed: ``train.seed`` of every run (the data set stays the same).
 
     Returns:
         ``results.json``'s content: method -> the :data:`TABLE_METRICS` (percent, ``None`` where the
@@ -314,6 +350,7 @@ def run_demo(
     """
     from ivpt.demo.jobs import available_cores, default_jobs, method_groups, run_in_parallel, start_workers
     from ivpt.engine.evaluate import evaluate_checkpoint
+    from ivpt.engine.oracle import checkpoint_oracle_rows
     from ivpt.engine.report import build_report
     from ivpt.engine.trainer import train
     from ivpt.viz.concept_stats import ConceptStatisticsMeter
@@ -334,7 +371,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     if len(groups) > 1:
         start_workers()  # their imports then overlap with drawing the data set
-    steps = _Steps(total=1 + (2 * len(methods) if len(groups) == 1 else 2) + 2)
+    steps = _Steps(total=1 + (2 * len(methods) if len(groups) == 1 else 2) + 3)
 
     data_root, generated = steps.run(
         f"synthetic data: {plan.num_classes} classes x {plan.per_class} images in {out / 'data'}",
@@ -347,7 +384,9 @@ def run_demo(
     )
     print("generated" if generated else "reused the existing data set (same settings)")
 
-    configs = {method: demo_config(method, plan, data_root, out / "runs" / method, backbone_file) for method in methods}
+    configs = {
+        method: demo_config(method, plan, data_root, out / "runs" / method, backbone_file, seed) for method in methods
+    }
     # The report's concept statistics come from the same forward passes as IVPT's scores.
     report_statistics = ConceptStatisticsMeter(plan.num_classes, plan.top_k, device=None)
     checkpoints: dict[str, Path] = {}
@@ -411,6 +450,13 @@ def run_demo(
         statistics=report_statistics.compute(),
     )
 
+    oracles = steps.run(
+        f"oracle rows: true part masks and image-blind maps (ivpt eval --oracle --checkpoint {checkpoints['ivpt']})",
+        checkpoint_oracle_rows,
+        checkpoints["ivpt"],
+    )
+    rows.update({name: table_row(results, oracle=name) for name, results in oracles.items()})
+
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     # The steps' wall-clock times sum to the total; side by side, each method's own times are given apart.
     timings: dict[str, Any] = {**steps.timings, "total": round(steps.elapsed, 1)}
@@ -432,7 +478,9 @@ __all__ = [
     "LEGACY_TOKEN_STRIDE",
     "METHODS",
     "METHOD_OVERRIDES",
+    "ORACLE_NOTES",
     "TABLE_METRICS",
+    "DEMO_SEED",
     "DemoPlan",
     "backbone_file_overrides",
     "demo_config",

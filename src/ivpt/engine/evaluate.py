@@ -62,6 +62,9 @@ _KEYS_OF = {
 _KEYPOINT_METRICS = ("consistency", "stability", "part_discovery", "kpr")
 # ``observe(output, batch)``: sees each forward of the pass over the scored split (see :func:`evaluate`).
 BatchObserver = Callable[[Any, dict[str, Any]], None]
+# ``model_input(batch, dataset)``: what the model is fed for a batch of ``dataset`` instead of its images (the
+# oracle rows feed their maps' sources this way, :mod:`ivpt.engine.oracle`).
+ModelInput = Callable[[dict[str, Any], Any], Tensor]
 # Separate streams of per-batch seeds for the two random protocols.
 _STABILITY_STREAM, _FAITHFULNESS_STREAM = 1, 2
 
@@ -118,6 +121,7 @@ def evaluate(
     ctx: DistributedContext | None = None,
     progress: bool = False,
     observe: BatchObserver | None = None,
+    model_input: ModelInput | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on the data set of ``cfg`` (see the module docstring for the protocols).
 
@@ -133,6 +137,8 @@ def evaluate(
             ``label``, ``index``, ...) of every batch of the pass over ``split`` (this rank's share), so
             that a caller can gather more from the same forward passes (the demo gathers the report's
             concept statistics this way).
+        model_input: replaces every batch's ``image`` by ``model_input(batch, dataset)`` before any use (the
+            oracle rows of :mod:`ivpt.engine.oracle` feed ground-truth part masks this way).
 
     Returns:
         Every key of :data:`HEADLINE_KEYS` (``None`` when not computed), ``per_stage`` (stage index ->
@@ -148,7 +154,8 @@ def evaluate(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             names = resolve_metrics(metrics, cfg)
-            return _Evaluation(net, cfg, names, device, split, ctx or DistributedContext(), progress, observe).run()
+            ctx = ctx or DistributedContext()
+            return _Evaluation(net, cfg, names, device, split, ctx, progress, observe, model_input).run()
         finally:
             net.train(was_training)
 
@@ -166,6 +173,7 @@ class _Evaluation:
         ctx: DistributedContext,
         progress: bool = False,
         observe: BatchObserver | None = None,
+        model_input: ModelInput | None = None,
     ) -> None:
         from ivpt.data import build_dataset, load_annotations
 
@@ -176,6 +184,7 @@ class _Evaluation:
         self.ctx = ctx
         self.progress = progress and ctx.is_main
         self.observe = observe
+        self.model_input = model_input
         self.notes: list[str] = []
         self.annotations = load_annotations(cfg.data)
         self.dataset = build_dataset(cfg, split, train_transform=False, annotations=self.annotations)
@@ -285,7 +294,7 @@ class _Evaluation:
             pin_memory=self.device.type == "cuda",
         )
         # disable=None: tqdm shows the bar only on a terminal, so logs get the final table alone.
-        yield from tqdm(
+        for number, batch in tqdm(
             zip(mine, loader, strict=True),
             total=len(mine),
             desc=f"ivpt eval: {what}",
@@ -293,7 +302,10 @@ class _Evaluation:
             leave=False,
             dynamic_ncols=True,
             disable=None if self.progress else True,
-        )
+        ):
+            if self.model_input is not None:
+                batch["image"] = self.model_input(batch, dataset)
+            yield number, batch
 
     def _generator(self, stream: int, batch_number: int) -> torch.Generator:
         return torch.Generator().manual_seed(sample_seed(self.cfg.eval.seed + stream, 0, batch_number))
