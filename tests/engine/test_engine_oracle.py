@@ -119,3 +119,16 @@ def test_cli_oracle_writes_rows_and_needs_part_masks(tiny_config, tmp_path: Path
     code = main(["eval", "--checkpoint", str(checkpoint), "--oracle", f"data.root={copy}"])
     assert code == 2
     assert "has no part_masks/ folder" in capsys.readouterr().err
+
+
+def test_cli_oracle_checks_out_before_the_work(tiny_config, tmp_path: Path, monkeypatch, capsys) -> None:
+    checkpoint = write_checkpoint(tiny_config(), tmp_path / "ckpt" / "model.pt")
+    scored: list[str] = []
+    monkeypatch.setattr("ivpt.engine.oracle.checkpoint_oracle_rows", lambda *a, **k: scored.append("rows"))
+    (tmp_path / "afile").write_text("hi")
+    out = tmp_path / "afile" / "sub"
+    code = main(["eval", "--checkpoint", str(checkpoint), "--oracle", "--out", str(out)])
+    assert code == 2 and scored == []
+    assert capsys.readouterr().err == (
+        f"ivpt eval: error: output folder '{out}': '{tmp_path / 'afile'}' is a file, expected a folder\n"
+    )

@@ -401,15 +401,17 @@ def evaluate_checkpoint_oracles(
 
     from ivpt.errors import ConfigError
     from ivpt.model.pretrained import checkpoint_home
+    from ivpt.outputs import prepare_output_dir, write_text
 
     home = checkpoint_home(checkpoint)
     if out_dir is None and home is None:
         raise ConfigError(f"eval --oracle: '{checkpoint}' has no folder of its own for oracle.json; give --out DIR")
+    # The folder is checked before the work, and the table printed before the file is written: a bad --out
+    # loses nothing.
+    target = prepare_output_dir(out_dir if out_dir is not None else home)
     rows = checkpoint_oracle_rows(checkpoint, overrides)
-    target = Path(out_dir) if out_dir is not None else home
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "oracle.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(format_oracle_table(rows))
+    write_text(target / "oracle.json", json.dumps(rows, indent=2) + "\n")
     print(f"wrote {target / 'oracle.json'}")
     return rows
 
