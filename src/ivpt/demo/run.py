@@ -28,6 +28,7 @@ from typing import Any
 
 from ivpt.config import Config, apply_overrides, validate
 from ivpt.demo.data import ensure_synthetic
+from ivpt.engine.oracle import text_table
 from ivpt.errors import IVPTError
 from ivpt.model.demo_vit import DEMO_ARCH, DEMO_VIT_ARGS, TOKEN_STRIDE, require_weights
 
@@ -254,11 +255,7 @@ def table_row(results: dict[str, Any], oracle: str | None = None) -> dict[str, A
 
 def format_results(rows: dict[str, dict[str, Any]]) -> str:
     """The results table as text: one line per method, ``-`` where a metric does not apply."""
-    header = f"{'method':<14}" + "".join(f"{key:>14}" for key in TABLE_METRICS)
-    lines = [header, "-" * len(header)]
-    for method, row in rows.items():
-        cells = "".join(f"{'-' if row[key] is None else format(row[key], '.1f'):>14}" for key in TABLE_METRICS)
-        lines.append(f"{method:<14}{cells}")
+    lines = text_table(rows, TABLE_METRICS, "method", 14)
     lines.append(
         "(percent on the synthetic test split; part metrics at eval.stage; kpr is an error: lower is better; "
         "faithfulness = drop when the top part is removed minus drop for a random region)"

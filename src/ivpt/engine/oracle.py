@@ -366,14 +366,19 @@ def scored_stage_shape(model: nn.Module, cfg: Config, device: torch.device) -> t
 ORACLE_COLUMNS = ("accuracy", "consistency", "stability", "nmi", "ari", "kpr")
 
 
-def format_oracle_table(rows: dict[str, dict[str, Any]]) -> str:
-    """The oracle rows as text, ``-`` where a value does not apply."""
-    header = f"{'row':<14}" + "".join(f"{key:>13}" for key in ORACLE_COLUMNS)
+def text_table(rows: dict[str, dict[str, Any]], columns: Sequence[str], label: str, width: int) -> list[str]:
+    """Rows of numbers as fixed-width text lines (header, rule, one line a row), ``-`` where a value is missing."""
+    header = f"{label:<14}" + "".join(f"{key:>{width}}" for key in columns)
     lines = [header, "-" * len(header)]
     for name, row in rows.items():
-        cells = "".join(f"{'-' if row.get(k) is None else format(row[k], '.1f'):>13}" for k in ORACLE_COLUMNS)
+        cells = "".join(f"{'-' if row.get(k) is None else format(row[k], '.1f'):>{width}}" for k in columns)
         lines.append(f"{name:<14}{cells}")
-    return "\n".join(lines)
+    return lines
+
+
+def format_oracle_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The oracle rows as text, ``-`` where a value does not apply."""
+    return "\n".join(text_table(rows, ORACLE_COLUMNS, "row", 13))
 
 
 def checkpoint_oracle_rows(checkpoint: str | Path, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
