@@ -33,7 +33,6 @@ used, which the training engine seeds per data-loader worker, so runs are reprod
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -334,13 +333,79 @@ def transform_box_edges(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.array(_mapped_hull(matrix, x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5), dtype=np.float32)
 
 
+class Normalize:
+    """Pixel values -> the model's input, ``(x / 255 - mean) / std``, as one multiply-add.
+
+    Data sets return ``uint8`` images (docs/ARCHITECTURE.md, "A sample"); whoever feeds them to a model
+    normalises each batch once, where it computes (after the copy to the device), with this callable:
+    ``model(dataset.transform.normalize(batch["image"].to(device)))``.
+
+    ``images`` is ``(3, H, W)`` or ``(B, 3, H, W)`` on any device, either ``uint8`` or a floating tensor of
+    pixel values on the same 0..255 scale (e.g. ``uint8`` images resized as floats); the result is
+    ``float32`` on the same device. A tensor already normalised must not go through it again: floating
+    inputs are read as pixel values, never passed through.
+
+    Args:
+        mean, std: per-channel normalisation (RGB, on ``[0, 1]`` values).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) and v > 0 for v in std):
+            raise IVPTError(f"Normalize: expected three means and three stds > 0, got mean={mean}, std={std}")
+        self.mean, self.std = mean, std
+        # (x / 255 - mean) / std = x * scale + offset, in float64 and then rounded once.
+        self.scale = tuple(1.0 / (255.0 * s) for s in std)
+        self.offset = tuple(-m / s for m, s in zip(mean, std, strict=True))
+        self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def constants(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """``(scale, offset)``, each ``(3, 1, 1)`` float32 on ``device`` (made once per device)."""
+        device = torch.device(device)
+        pair = self._constants.get(device)
+        if pair is None:
+            scale, offset = (
+                torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (self.scale, self.offset)
+            )
+            pair = self._constants[device] = (scale, offset)
+        return pair
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor):
+            raise IVPTError(f"Normalize: expected a tensor of images, got {type(images).__name__}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise IVPTError(
+                f"Normalize: expected uint8 images (or floating pixel values in 0..255), got {images.dtype}"
+            )
+        if images.ndim not in (3, 4) or images.shape[-3] != 3:
+            raise IVPTError(f"Normalize: expected images (3, H, W) or (B, 3, H, W), got {tuple(images.shape)}")
+        if images.is_floating_point() and images.dtype != torch.float32:
+            images = images.float()
+        scale, offset = self.constants(images.device)
+        # offset + images * scale in one pass; a uint8 input is promoted to float32 on the fly.
+        return torch.addcmul(offset, images, scale)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Loader workers get a copy of the data set: the per-device constants (maybe on a GPU) stay here.
+        return {**self.__dict__, "_constants": {}}
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+
 class SampleTransform:
     """Turns a decoded image and its annotations into tensors with one shared geometry.
+
+    The image comes out as ``uint8`` ``(3, S, S)``: normalising it is the consumer's job, once per batch
+    on its device, with :attr:`normalize`.
 
     Args:
         img_size: output side ``S``.
         augment: ``"paper"``, ``"flip"`` or ``"none"`` (see the module docstring).
-        mean, std: per-channel normalisation (RGB, on ``[0, 1]`` values).
+        mean, std: per-channel normalisation (RGB, on ``[0, 1]`` values) of :attr:`normalize`.
+
+    Attributes:
+        normalize: :class:`Normalize` with ``mean`` and ``std``: ``uint8`` images -> the model's input.
     """
 
     def __init__(self, img_size: int, augment: Augment, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -348,11 +413,9 @@ class SampleTransform:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.img_size = img_size
         self.augment = augment
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add per element.
-        self._scale = 1.0 / (255.0 * self.std)
-        self._offset = -self.mean / self.std
+        self.normalize = Normalize(mean, std)
+        self.mean = torch.tensor(self.normalize.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(self.normalize.std, dtype=torch.float32).view(3, 1, 1)
 
     def plan(
         self,
@@ -375,16 +438,20 @@ class SampleTransform:
         """
         return _max_reduction(*resize_geometry(width, height, self.img_size, crop_box))
 
+    @staticmethod
+    def pixels(image: Image.Image) -> Tensor:
+        """``(3, H, W)`` contiguous ``uint8`` tensor of an RGB PIL image's bytes (no float pass)."""
+        width, height = image.size
+        out = np.empty((3, height, width), dtype=np.uint8)
+        # One band at a time: PIL splits the planes in C, each a straight copy (a transpose of the packed
+        # (H, W, 3) bytes costs two to four times more).
+        for channel, band in enumerate(image.split()):
+            out[channel] = np.frombuffer(band.tobytes(), dtype=np.uint8).reshape(height, width)
+        return torch.from_numpy(out)
+
     def to_tensor(self, image: Image.Image) -> Tensor:
-        """``(3, H, W)`` normalised, contiguous float tensor from an RGB PIL image."""
-        with warnings.catch_warnings():
-            # The bytes are only read (converted into a new tensor), never written.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-            packed = torch.frombuffer(image.tobytes(), dtype=torch.uint8)
-        pixels = packed.view(image.height, image.width, 3).permute(2, 0, 1)
-        out = torch.empty(pixels.shape, dtype=torch.float32)
-        out.copy_(pixels)
-        return out.mul_(self._scale).add_(self._offset)
+        """``(3, H, W)`` normalised float32 tensor from an RGB PIL image (:meth:`pixels`, then :attr:`normalize`)."""
+        return self.normalize(self.pixels(image))
 
     def __call__(
         self,
@@ -413,15 +480,15 @@ class SampleTransform:
                 and masks stay in the source's coordinates).
 
         Returns:
-            ``image (3, S, S)``, ``keypoints (P, 3)``, ``bbox (4,)`` (clipped to the output),
-            ``bbox_edges (4,)`` (the box's edges, not clipped: :func:`transform_box_edges`) and, with a
-            mask, ``mask (S, S)``.
+            ``image (3, S, S)`` ``uint8`` (not normalised: :attr:`normalize`), ``keypoints (P, 3)``,
+            ``bbox (4,)`` (clipped to the output), ``bbox_edges (4,)`` (the box's edges, not clipped:
+            :func:`transform_box_edges`) and, with a mask, ``mask (S, S)``.
         """
         width, height = source_size if source_size is not None else image.size
         plan = self.plan(width, height, crop_box, generator)
         matrix = plan.matrix
         sample = {
-            "image": self.to_tensor(warp_image(image, plan, Image.Resampling.BILINEAR, reduction)),
+            "image": self.pixels(warp_image(image, plan, Image.Resampling.BILINEAR, reduction)),
             "keypoints": torch.from_numpy(transform_keypoints(keypoints, matrix, self.img_size)),
             "bbox": torch.from_numpy(transform_box(box, matrix, self.img_size)),
             "bbox_edges": torch.from_numpy(transform_box_edges(box, matrix)),
@@ -460,7 +527,7 @@ def image_transform(
     def apply(image: Image.Image) -> Tensor:
         rgb = image.convert("RGB")
         whole = np.array([0.0, 0.0, rgb.width - 1.0, rgb.height - 1.0], dtype=np.float32)
-        return transform(rgb, no_keypoints, whole)["image"]
+        return transform.normalize(transform(rgb, no_keypoints, whole)["image"])
 
     return apply
 
@@ -504,6 +571,7 @@ __all__ = [
     "AUGMENTS",
     "AugmentParams",
     "GeometryPlan",
+    "Normalize",
     "SampleTransform",
     "apply_matrix",
     "hflip_matrix",
