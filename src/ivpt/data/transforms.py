@@ -443,10 +443,10 @@ class SampleTransform:
         """``(3, H, W)`` contiguous ``uint8`` tensor of an RGB PIL image's bytes (no float pass)."""
         width, height = image.size
         out = np.empty((3, height, width), dtype=np.uint8)
-        # One band at a time: PIL splits the planes in C, each a straight copy (a transpose of the packed
-        # (H, W, 3) bytes costs two to four times more).
-        for channel, band in enumerate(image.split()):
-            out[channel] = np.frombuffer(band.tobytes(), dtype=np.uint8).reshape(height, width)
+        # One plane at a time, picked out by PIL's packer in C: half the cost of splitting the image into
+        # bands first, a quarter of transposing the packed (H, W, 3) bytes.
+        for channel, band in enumerate("RGB"):
+            out[channel] = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(height, width)
         return torch.from_numpy(out)
 
     def to_tensor(self, image: Image.Image) -> Tensor:
