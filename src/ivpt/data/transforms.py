@@ -127,7 +127,12 @@ class GeometryPlan:
     @property
     def matrix(self) -> np.ndarray:
         """``(3, 3)`` affine from source pixel centres to output pixel centres."""
-        return self.remainder @ region_resize_matrix(self.source_box, self.resized_size)
+        # remainder @ region_resize_matrix(source_box, resized_size), in Python floats (one array, not three).
+        (a, b, c), (d, e, f) = self.remainder[:2].tolist()
+        left, top, right, bottom = self.source_box
+        sx, sy = self.resized_size[0] / (right - left), self.resized_size[1] / (bottom - top)
+        tx, ty = sx * (0.5 - left) - 0.5, sy * (0.5 - top) - 0.5
+        return np.array([[a * sx, b * sy, a * tx + b * ty + c], [d * sx, e * sy, d * tx + e * ty + f], [0.0, 0.0, 1.0]])
 
     @property
     def max_reduction(self) -> float:
@@ -235,12 +240,10 @@ def plan_geometry(
 
 def _crop_of(remainder: np.ndarray) -> tuple[int, int, bool] | None:
     """``(left, top, flipped)`` when ``remainder`` only crops at integer offsets (after an optional flip)."""
-    linear, shift = remainder[:2, :2], remainder[:2, 2]
-    if remainder[0, 0] not in (1.0, -1.0) or linear[0, 1] or linear[1, 0] or linear[1, 1] != 1.0:
+    (a, b, c), (d, e, f) = remainder[:2].tolist()
+    if a not in (1.0, -1.0) or b or d or e != 1.0 or not (c.is_integer() and f.is_integer()):
         return None
-    if not np.array_equal(shift, np.round(shift)):
-        return None
-    return int(-shift[0]), int(-shift[1]), bool(remainder[0, 0] < 0)
+    return int(-c), int(-f), a < 0
 
 
 def warp_image(image: Image.Image, plan: GeometryPlan, resample: Image.Resampling, reduction: int = 1) -> Image.Image:
@@ -293,8 +296,21 @@ def transform_keypoints(keypoints: np.ndarray, matrix: np.ndarray, size: int) ->
 
     Points that land outside ``[0, S-1]^2`` become invisible; invisible points are set to ``(0, 0, 0)``.
     """
-    # A loop over a few dozen points in Python floats: a dozen numpy calls on (P, 2) arrays cost more.
+    return _map_keypoints(keypoints, _coefficients(matrix), size)
+
+
+def _coefficients(matrix: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """``(a, b, c, d, e, f)`` of ``x' = a x + b y + c``, ``y' = d x + e y + f`` in Python floats."""
     (a, b, c), (d, e, f) = matrix[:2].tolist()
+    return a, b, c, d, e, f
+
+
+def _map_keypoints(
+    keypoints: np.ndarray, coefficients: tuple[float, float, float, float, float, float], size: int
+) -> np.ndarray:
+    """:func:`transform_keypoints` with the matrix as :func:`_coefficients`."""
+    # A loop over a few dozen points in Python floats: a dozen numpy calls on (P, 2) arrays cost more.
+    a, b, c, d, e, f = coefficients
     last = size - 1.0
     rows = []
     for x, y, flag in keypoints.tolist():
@@ -308,13 +324,15 @@ def transform_box(box: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
 
     The result is clipped to ``[0, S-1]``; a box mapped entirely outside collapses onto the border.
     """
-    hull = _mapped_hull(matrix, *(float(v) for v in box))
+    hull = _mapped_hull(_coefficients(matrix), *(float(v) for v in box))
     return np.array([min(max(v, 0.0), size - 1.0) for v in hull], dtype=np.float32)
 
 
-def _mapped_hull(matrix: np.ndarray, left: float, top: float, right: float, bottom: float) -> list[float]:
-    """``[x_min, y_min, x_max, y_max]`` of the rectangle's four corners mapped by ``matrix``, in Python floats."""
-    (a, b, c), (d, e, f) = matrix[:2].tolist()
+def _mapped_hull(
+    coefficients: tuple[float, float, float, float, float, float], left: float, top: float, right: float, bottom: float
+) -> list[float]:
+    """``[x_min, y_min, x_max, y_max]`` of the rectangle's four corners mapped by the affine, in Python floats."""
+    a, b, c, d, e, f = coefficients
     corners = ((left, top), (right, top), (left, bottom), (right, bottom))
     xs = [a * x + b * y + c for x, y in corners]
     ys = [d * x + e * y + f for x, y in corners]
@@ -330,7 +348,21 @@ def transform_box_edges(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     (:func:`ivpt.metrics.kpr_box`).
     """
     x_min, y_min, x_max, y_max = (float(v) for v in box)
-    return np.array(_mapped_hull(matrix, x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5), dtype=np.float32)
+    return np.array(
+        _mapped_hull(_coefficients(matrix), x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5), dtype=np.float32
+    )
+
+
+def _boxes(
+    box: np.ndarray, coefficients: tuple[float, float, float, float, float, float], size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`transform_box` and :func:`transform_box_edges` of one box, from one read of its corners."""
+    x_min, y_min, x_max, y_max = box.tolist() if isinstance(box, np.ndarray) else (float(v) for v in box)
+    last = size - 1.0
+    hull = _mapped_hull(coefficients, x_min, y_min, x_max, y_max)
+    clipped = np.array([min(max(v, 0.0), last) for v in hull], dtype=np.float32)
+    edges = _mapped_hull(coefficients, x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5)
+    return clipped, np.array(edges, dtype=np.float32)
 
 
 class Normalize:
@@ -486,12 +518,13 @@ class SampleTransform:
         """
         width, height = source_size if source_size is not None else image.size
         plan = self.plan(width, height, crop_box, generator)
-        matrix = plan.matrix
+        coefficients = _coefficients(plan.matrix)
+        clipped, edges = _boxes(box, coefficients, self.img_size)
         sample = {
             "image": self.pixels(warp_image(image, plan, Image.Resampling.BILINEAR, reduction)),
-            "keypoints": torch.from_numpy(transform_keypoints(keypoints, matrix, self.img_size)),
-            "bbox": torch.from_numpy(transform_box(box, matrix, self.img_size)),
-            "bbox_edges": torch.from_numpy(transform_box_edges(box, matrix)),
+            "keypoints": torch.from_numpy(_map_keypoints(keypoints, coefficients, self.img_size)),
+            "bbox": torch.from_numpy(clipped),
+            "bbox_edges": torch.from_numpy(edges),
         }
         if mask is not None:
             scale = 1.0 / 255.0 if mask.mode == "L" else 1.0
