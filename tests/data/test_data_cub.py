@@ -29,10 +29,13 @@ def test_cub_samples_carry_transformed_annotations(cub_root: Path, make_cfg: Cal
     sample = test[2]  # class 1, third image (k = 2)
     assert sample["label"] == 1 and sample["index"] == 2
     assert sample["image"].shape == (3, 24, 24) and sample["mask"].shape == (24, 24)
-    # The image is one flat colour: after normalisation (the backbone's mean / std) every pixel holds that colour.
+    # The image is one flat colour: the sample holds its bytes (uint8), and after normalisation (the
+    # backbone's mean / std) every pixel holds that colour.
+    assert sample["image"].dtype == torch.uint8
+    assert (sample["image"][:, 12, 12].int() - torch.tensor(image_colour(1, 2))).abs().max() <= 13
     prep = preprocessing_of(cfg)
     expected = (torch.tensor(image_colour(1, 2)) / 255.0 - torch.tensor(prep.mean)) / torch.tensor(prep.std)
-    assert torch.allclose(sample["image"][:, 12, 12], expected, atol=0.05)
+    assert torch.allclose(test.transform.normalize(sample["image"])[:, 12, 12], expected, atol=0.05)
 
     # 48 x 36 -> 32 x 24 (scale 2/3), centre crop drops 4 columns on the left.
     scale = 24 / HEIGHT

@@ -9,9 +9,11 @@ from PIL import Image, ImageDraw
 
 from ivpt.data.transforms import (
     AugmentParams,
+    Normalize,
     SampleTransform,
     apply_matrix,
     hflip_matrix,
+    image_transform,
     plan_geometry,
     region_resize_matrix,
     rotation_scale_matrix,
@@ -19,6 +21,7 @@ from ivpt.data.transforms import (
     transform_keypoints,
     warp_image,
 )
+from ivpt.errors import IVPTError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -160,10 +163,75 @@ def test_bbox_crop_is_clipped_to_the_image() -> None:
     assert warp_image(image, plan, Image.Resampling.BILINEAR).size == (10, 10)
 
 
-def test_normalisation_uses_mean_and_std() -> None:
+def test_samples_carry_uint8_images_that_normalize_maps_with_mean_and_std() -> None:
     transform = SampleTransform(8, "none", (0.2, 0.4, 0.6), (0.1, 0.2, 0.3))
     image = Image.new("RGB", (8, 8), (255, 0, 51))
     sample = transform(image, np.zeros((0, 3)), np.array([0.0, 0.0, 7.0, 7.0]))
-    assert sample["image"].shape == (3, 8, 8)
-    assert sample["image"][:, 0, 0].tolist() == pytest.approx([8.0, -2.0, (0.2 - 0.6) / 0.3], abs=1e-5)
+    assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 8, 8)
+    assert sample["image"].is_contiguous()
+    assert sample["image"][:, 0, 0].tolist() == [255, 0, 51]
+    normalised = transform.normalize(sample["image"])
+    assert normalised.dtype == torch.float32 and normalised.shape == (3, 8, 8)
+    assert normalised[:, 0, 0].tolist() == pytest.approx([8.0, -2.0, (0.2 - 0.6) / 0.3], abs=1e-5)
     assert sample["keypoints"].shape == (0, 3)
+
+
+def _old_float_path(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """What samples held before they were uint8: ``(x / 255 - mean) / std`` of ``(H, W, 3)`` bytes, in float64."""
+    values = torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float64)) / 255.0
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (mean, std))
+    return (values - mean_t) / std_t
+
+
+def test_normalize_equals_the_float_path_to_within_rounding() -> None:
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's ImageNet values
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    pixels[0, 0], pixels[0, 1] = 0, 255  # both ends of the range
+    transform = SampleTransform(20, "none", mean, std)
+    uint8 = transform(Image.fromarray(pixels), np.zeros((0, 3)), np.array([0.0, 0.0, 23.0, 19.0]))["image"]
+    # The test transform of a 24 x 20 image at 20 px: the centre 20 columns, untouched.
+    np.testing.assert_array_equal(uint8.numpy(), pixels[:, 2:22].transpose(2, 0, 1))
+    expected = _old_float_path(pixels[:, 2:22], mean, std)
+    single = transform.normalize(uint8)
+    batch = transform.normalize(torch.stack([uint8, uint8.flip(-1)]))
+    assert single.dtype == batch.dtype == torch.float32 and batch.shape == (2, 3, 20, 20)
+    # float32 rounding of values up to 2.7: a few 1e-7.
+    torch.testing.assert_close(single.double(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(batch[0], single, rtol=0, atol=0)
+    torch.testing.assert_close(batch[1], single.flip(-1), rtol=0, atol=0)
+    # Floating inputs are read as pixel values on the same 0..255 scale, and never written to.
+    torch.testing.assert_close(transform.normalize(uint8.double()), single, rtol=0, atol=1e-6)
+    floats = uint8.float()
+    torch.testing.assert_close(transform.normalize(floats), single, rtol=0, atol=0)
+    assert torch.equal(floats, uint8.float())
+    # The bare image transform still returns what the model takes.
+    bare = image_transform(20, mean, std)(Image.fromarray(pixels))
+    assert bare.dtype == torch.float32
+    torch.testing.assert_close(bare.double(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (torch.zeros(3, 4, 4, dtype=torch.int64), "uint8 images"),
+        (torch.zeros(3, 4, 4, dtype=torch.bool), "uint8 images"),
+        (torch.zeros(4, 4, 3, dtype=torch.uint8), r"\(3, H, W\) or \(B, 3, H, W\)"),
+        (torch.zeros(2, 1, 3, 4, 4, dtype=torch.uint8), r"\(3, H, W\) or \(B, 3, H, W\)"),
+        (np.zeros((3, 4, 4), dtype=np.uint8), "expected a tensor"),
+    ],
+)
+def test_normalize_refuses_what_is_not_an_image_batch(images: object, message: str) -> None:
+    with pytest.raises(IVPTError, match=message):
+        Normalize(MEAN, STD)(images)  # type: ignore[arg-type]
+
+
+def test_normalize_keeps_its_device_constants_out_of_pickles() -> None:
+    import pickle
+
+    normalize = SampleTransform(8, "none", MEAN, STD).normalize
+    normalize(torch.zeros(3, 2, 2, dtype=torch.uint8))
+    assert normalize._constants  # made on first use
+    copy = pickle.loads(pickle.dumps(normalize))
+    assert copy._constants == {} and copy.mean == normalize.mean and copy.std == normalize.std
+    seven = torch.full((3, 1, 1), 7, dtype=torch.uint8)
+    torch.testing.assert_close(copy(seven), normalize(seven))

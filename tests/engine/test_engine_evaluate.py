@@ -75,7 +75,7 @@ def test_accuracy_matches_a_direct_count(checkpoint: Path) -> None:
     with torch.no_grad():
         for index in range(len(test_set)):
             sample = test_set[index]
-            predicted = int(model(sample["image"][None]).logits.argmax())
+            predicted = int(model(test_set.transform.normalize(sample["image"][None])).logits.argmax())
             hits.append(predicted == sample["label"])
             per_class.setdefault(sample["label"], []).append(hits[-1])
     results = evaluate(model, cfg, ["accuracy"])
@@ -104,7 +104,9 @@ def test_observer_sees_every_forward_of_the_scored_split(checkpoint: Path, metri
     evaluate(model, cfg, metrics, observe=observe)
     assert sorted(seen) == list(range(len(test_set)))
     with torch.no_grad():
-        direct = model(torch.stack([test_set[i]["image"] for i in (0, len(test_set) - 1)])).logits
+        images = torch.stack([test_set[i]["image"] for i in (0, len(test_set) - 1)])
+        assert images.dtype == torch.uint8  # evaluate normalises them itself
+        direct = model(test_set.transform.normalize(images)).logits
     torch.testing.assert_close(torch.stack([seen[0], seen[len(test_set) - 1]]), direct)
 
 
@@ -145,7 +147,7 @@ def test_kpr_divides_by_the_box_that_eval_kpr_box_names(checkpoint: Path) -> Non
         for split in ("train_full", "test"):
             dataset = build_dataset(cfg, split, train_transform=False)
             batch = default_collate([dataset[i] for i in range(len(dataset))])
-            batches[split] = (batch, model(batch["image"]).concept_maps)
+            batches[split] = (batch, model(dataset.transform.normalize(batch["image"])).concept_maps)
     for mode, boxes in direct.items():
         for stage in range(NUM_STAGES):
             meters = []

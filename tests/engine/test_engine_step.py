@@ -180,3 +180,36 @@ def test_step_does_not_synchronise_with_the_host(tiny_model_overrides: list[str]
             step(images, labels)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class RecordingModel(LinearModel):
+    """:class:`LinearModel` that keeps a copy of every input it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[Tensor] = []
+
+    def forward(self, images: Tensor) -> IVPTOutput:
+        self.inputs.append(images.detach().clone())
+        return super().forward(images)
+
+
+def test_the_step_normalises_uint8_batches_after_the_copy_to_the_device() -> None:
+    from ivpt.data.transforms import Normalize
+
+    normalize = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    images = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3])
+    model = RecordingModel()
+    linear_step(model, normalize=normalize)(images, labels)
+    (seen,) = model.inputs
+    assert seen.dtype == torch.float32
+    torch.testing.assert_close(seen, normalize(images), rtol=0, atol=0)
+    # (x / 255 - mean) / std: what the samples held before they became uint8.
+    mean, std = torch.tensor(normalize.mean)[:, None, None], torch.tensor(normalize.std)[:, None, None]
+    torch.testing.assert_close(seen, (images.float() / 255 - mean) / std, rtol=0, atol=1e-6)
+    # Without normalize (the default) the images reach the model as they come.
+    plain = RecordingModel()
+    floats = images.float()
+    linear_step(plain)(floats, labels)
+    assert torch.equal(plain.inputs[0], floats)

@@ -74,6 +74,28 @@ def test_two_epoch_run_writes_its_outputs_and_the_loss_falls(tiny_config) -> Non
     assert len(last_ckpt["class_names"]) == 4 and last_ckpt["part_names"]
 
 
+def test_the_trainer_feeds_its_step_normalised_images_from_uint8_batches(tiny_config) -> None:
+    """Samples are uint8 pixels; the step normalises each batch with the training set's mean / std."""
+    from ivpt.engine.distributed import DistributedContext
+    from ivpt.engine.trainer import Trainer
+
+    cfg = resolve_preprocessing(tiny_config())
+    trainer = Trainer(cfg, DistributedContext())
+    normalize = trainer.train_set.transform.normalize
+    assert trainer.step.normalize is normalize and normalize.mean == tuple(cfg.data.mean)
+    batch = next(iter(trainer.loader))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, *([cfg.model.img_size] * 2))
+    seen: list[torch.Tensor] = []
+    hook = trainer.model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    try:
+        trainer.step(batch["image"], batch["label"])
+    finally:
+        hook.remove()
+    assert seen and seen[0].dtype == torch.float32
+    mean, std = (torch.tensor(v)[:, None, None] for v in (cfg.data.mean, cfg.data.std))
+    torch.testing.assert_close(seen[0], (batch["image"].float() / 255 - mean) / std, rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_test_at_end_false_leaves_the_test_split_to_ivpt_eval(tiny_config) -> None:
     cfg = tiny_config("train.epochs=1", "data.val_fraction=0", "train.test_at_end=false")

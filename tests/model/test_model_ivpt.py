@@ -271,6 +271,12 @@ def test_wrong_image_size_is_reported(make_model):
         make_model()(torch.zeros(1, 3, 64, 64))
 
 
+def test_uint8_images_are_refused_with_a_pointer_to_normalize(make_model):
+    """A data set's samples are uint8 pixels: fed unnormalised, the model says what to do."""
+    with pytest.raises(IVPTError, match=r"expected normalised float images, got torch.uint8 .*transform.normalize"):
+        make_model()(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
 def test_maps_stay_float32_and_normalised_under_bf16_autocast(make_model, images):
     model = make_model().eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -34,14 +34,14 @@ def _photo(width: int = 53, height: int = 41, seed: int = 0) -> Image.Image:
 
 
 def _test_transform(photo: Image.Image, cfg: Config) -> torch.Tensor:
-    """The data module's test transform of a photo: ``(3, 32, 32)``."""
+    """The data module's test transform of a photo, normalised as the model takes it: ``(3, 32, 32)``."""
     from ivpt.data.transforms import SampleTransform
     from ivpt.model.preprocessing import preprocessing_of
 
     prep = preprocessing_of(cfg)
     whole = np.array([0, 0, photo.width - 1, photo.height - 1], np.float32)
     transform = SampleTransform(32, "none", prep.mean, prep.std)
-    return transform(photo.convert("RGB"), np.zeros((0, 3), np.float32), whole)["image"]
+    return transform.normalize(transform(photo.convert("RGB"), np.zeros((0, 3), np.float32), whole)["image"])
 
 
 @pytest.fixture
@@ -104,10 +104,13 @@ def test_explain_inputs_path_pil_uint8_and_dataset_tensor_agree(tiny: Callable) 
     sample = dataset[0]
     path = Path(dataset.annotations.image_paths[dataset.indices[0]])
     from_path = explain(model, path, cfg=cfg)
+    assert sample["image"].dtype == torch.uint8
     from_tensor = explain(model, sample["image"], cfg=cfg)
+    from_normalised = explain(model, dataset.transform.normalize(sample["image"]), cfg=cfg)
     from_pil = explain(model, Image.open(path), cfg=cfg)
     from_uint8 = explain(model, torch.from_numpy(np.array(Image.open(path).convert("RGB"))), cfg=cfg)
-    for other in (from_tensor, from_pil, from_uint8):
+    np.testing.assert_array_equal(from_tensor["image"], sample["image"].permute(1, 2, 0).numpy())
+    for other in (from_tensor, from_normalised, from_pil, from_uint8):
         assert other["predicted"]["logit"] == pytest.approx(from_path["predicted"]["logit"], abs=1e-5)
         np.testing.assert_array_equal(other["image"], from_path["image"])
 

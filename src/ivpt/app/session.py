@@ -131,7 +131,7 @@ class ExplorerSession:
         ]
 
     def test_image(self, position: int) -> torch.Tensor:
-        """The test image at ``position``, through the test transform: ``(3, S, S)``."""
+        """The test image at ``position``, through the test transform: ``(3, S, S)`` ``uint8`` (not normalised)."""
         if self.dataset is None:
             raise IVPTError(f"app: no test set is loaded ({self.data_note})")
         if not 0 <= position < len(self.dataset):
@@ -161,6 +161,7 @@ class ExplorerSession:
                     self.top_k,
                     self.loaded.device,
                     progress=self.progress,
+                    normalize=self.dataset.transform.normalize,
                 )
             return self._statistics
 

@@ -2,9 +2,10 @@
 
 ``loader``
     The training split's samples as the trainer's loader workers draw them
-    (:meth:`ivpt.engine.rng.SeededSamples.draw`: seed, decode, plan, resize, warp, normalise, keypoints,
-    box), one at a time in this process, against the *loader bound*: the same file decoded, resized and
-    warped to the same geometry with the same library (PIL), nothing else. There are two bounds:
+    (:meth:`ivpt.engine.rng.SeededSamples.draw`: seed, decode, plan, resize, warp, ``uint8`` tensor,
+    keypoints, box; the training step normalises whole batches on the device), one at a time in this
+    process, against the *loader bound*: the same file decoded, resized and warped to the same geometry
+    with the same library (PIL), nothing else. There are two bounds:
     ``full_decode_bound_ms`` decodes every JPEG at full size, ``bound_ms`` decodes it at 1/2, 1/4 or 1/8
     scale wherever the resize shrinks it that much (libjpeg's DCT scaling: the faster decoder). The sample
     and the two bounds alternate image by image, each going first in turn, ``rounds`` times over
@@ -366,7 +367,7 @@ def run_train_bench(
         raise IVPTError(f"bench --batch {batch}: the training split of '{data}' has only {len(train_set)} images")
     torch.manual_seed(seed)
     model = build_model(cfg, train_set.num_classes).to(dev).train()
-    train_step = build_train_step(model, cfg, steps_per_epoch)
+    train_step = build_train_step(model, cfg, steps_per_epoch, normalize=train_set.transform.normalize)
     loader = train_loader(cfg, train_set, sampler, DistributedContext(device=dev))
     batches = _epochs(loader, sampler)
     held = next(batches)

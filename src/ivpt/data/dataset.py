@@ -18,7 +18,8 @@ from ivpt.errors import DataError
 class PartImageDataset(Dataset):
     """A split of an annotated image collection.
 
-    ``dataset[i]`` is a dict (docs/ARCHITECTURE.md, "A sample"): ``image (3, S, S)`` normalised,
+    ``dataset[i]`` is a dict (docs/ARCHITECTURE.md, "A sample"): ``image (3, S, S)`` ``uint8`` (the
+    model's input is ``transform.normalize(image)``, applied per batch on the device),
     ``label`` int, ``index`` int (= ``i``), ``keypoints (P, 3)`` ``(x, y, visible)`` and
     ``bbox (4,)`` ``(x_min, y_min, x_max, y_max)`` in output pixel-centre coordinates, and with
     ``with_masks`` a ``mask (S, S)`` foreground probability. All samples share ``P``, so torch's default

@@ -280,7 +280,8 @@ class _Evaluation:
     def _batches(self, dataset: Any, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
         """``(batch number, batch)`` of this rank's share: the same batches as a single process makes.
 
-        ``what`` names the pass on its progress bar.
+        ``what`` names the pass on its progress bar. A batch's ``image`` is on the device and normalised
+        (the data set's ``uint8`` images through its ``transform.normalize``), or ``model_input``'s.
         """
         from tqdm import tqdm
 
@@ -305,6 +306,8 @@ class _Evaluation:
         ):
             if self.model_input is not None:
                 batch["image"] = self.model_input(batch, dataset)
+            else:
+                batch["image"] = dataset.transform.normalize(batch["image"].to(self.device, non_blocking=True))
             yield number, batch
 
     def _generator(self, stream: int, batch_number: int) -> torch.Generator:

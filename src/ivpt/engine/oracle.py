@@ -256,7 +256,7 @@ def true_part_probe_accuracy(backbone: nn.Module, cfg: Config, annotations: Any,
         rows, classes = [], []
         for first in range(0, len(dataset), cfg.eval.batch_size):
             samples = [dataset[i] for i in range(first, min(first + cfg.eval.batch_size, len(dataset)))]
-            images = torch.stack([sample["image"] for sample in samples]).to(device)
+            images = dataset.transform.normalize(torch.stack([sample["image"] for sample in samples]).to(device))
             tokens = backbone.forward_features(images)[:, backbone.num_prefix_tokens :].float().cpu()
             grid = int(round(math.sqrt(tokens.shape[1])))
             ids = torch.stack([masks.warped_ids(dataset, sample["index"]) for sample in samples])

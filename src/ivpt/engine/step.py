@@ -109,6 +109,9 @@ class TrainStep:
         joint_transformed_pass: run the transformed batch in the same ``2B`` autograd forward as the
             original even when the model offers ``forward_without_backbone_grad`` (the same gradients,
             more work; for comparisons).
+        normalize: applied to every batch of images once it is on the model's device (e.g. a data set's
+            ``transform.normalize``: the ``uint8`` images of a data loader -> the model's input); ``None``:
+            the images are fed as they come.
 
     Attributes:
         micro_step: micro-batches accumulated towards the next optimizer step.
@@ -133,6 +136,7 @@ class TrainStep:
         affine_generator: torch.Generator | None = None,
         compile: bool = False,
         joint_transformed_pass: bool = False,
+        normalize: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
@@ -148,6 +152,7 @@ class TrainStep:
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
         self.affine_generator = affine_generator
+        self.normalize = normalize
         self.forward = model
         # The transformed pass goes through the bare module even under DDP: its outputs carry gradient
         # only to parameters the main pass uses as well, so autograd accumulates each of them once and
@@ -165,7 +170,10 @@ class TrainStep:
         self.last_grad_norm: Tensor | None = None
 
     def __call__(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Train on ``images (B, 3, H, W)`` with ``labels (B,)``; returns the detached loss terms (fp32 ``()``)."""
+        """Train on ``images (B, 3, H, W)`` with ``labels (B,)``; returns the detached loss terms (fp32 ``()``).
+
+        ``images`` are copied to the model's device, then go through :attr:`normalize` (when set).
+        """
         if self._time_first_call:
             self._time_first_call = False
             synchronize(self.device)
@@ -175,6 +183,8 @@ class TrainStep:
             self.compile_seconds = time.perf_counter() - start
             return terms
         images = images.to(self.device, non_blocking=True)
+        if self.normalize is not None:
+            images = self.normalize(images)
         labels = labels.to(self.device, non_blocking=True)
         closes_group = self.micro_step + 1 == self.grad_accum
         skip_sync = not closes_group and isinstance(self.model, DistributedDataParallel)
@@ -248,6 +258,7 @@ def build_train_step(
     distributed_model: nn.Module | None = None,
     criterion: Callable[..., dict[str, Tensor]] | None = None,
     joint_transformed_pass: bool = False,
+    normalize: Callable[[Tensor], Tensor] | None = None,
 ) -> TrainStep:
     """The training step ``cfg`` describes for ``model`` (which must already be on its device).
 
@@ -261,7 +272,8 @@ def build_train_step(
         world_size, rank: this process's place in a distributed job (for lr scaling and seeding).
         distributed_model: ``model`` wrapped in :class:`DistributedDataParallel`, used for the forward.
         criterion: replaces the default ``IVPTCriterion(cfg.loss)``.
-        joint_transformed_pass: see :class:`TrainStep`.
+        joint_transformed_pass, normalize: see :class:`TrainStep` (the trainer passes its training set's
+            ``transform.normalize``: its batches hold ``uint8`` images).
     """
     device = next(model.parameters()).device
     if criterion is None:
@@ -287,6 +299,7 @@ def build_train_step(
         affine_generator=generator,
         compile=cfg.train.compile,
         joint_transformed_pass=joint_transformed_pass,
+        normalize=normalize,
     )
 
 

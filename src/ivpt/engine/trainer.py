@@ -193,6 +193,7 @@ class Trainer:
             world_size=ctx.world_size,
             rank=ctx.rank,
             distributed_model=self.distributed_model,
+            normalize=self.train_set.transform.normalize,  # the loader's uint8 images, on the device
         )
         self.progress = Progress()
         self.logger = RunLogger(self.out_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard)

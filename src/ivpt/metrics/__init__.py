@@ -4,7 +4,7 @@ Every meter follows one pattern, meant for a loop over a data loader::
 
     meter = ConsistencyMeter(num_classes, num_concepts=K - 1, num_keypoints=P, device=device)
     for batch in loader:                       # the bbox-crop loader for consistency / stability
-        out = model(batch["image"].to(device))
+        out = model(loader.dataset.transform.normalize(batch["image"].to(device)))  # uint8 -> model input
         meter.update(out.concept_maps[stage], batch["keypoints"], batch["label"], input_size=img_size)
     meter = sync_meter(meter)                  # in a distributed run: the data of all ranks
     results = meter.compute()                  # {"consistency": 73.5}

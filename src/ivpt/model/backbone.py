@@ -168,6 +168,11 @@ class ViTModel(nn.Module):
                 f"model input: expected images of shape (B, 3, {self.img_size[0]}, {self.img_size[1]}), "
                 f"got {tuple(images.shape)}"
             )
+        if not images.is_floating_point():
+            raise IVPTError(
+                f"model input: expected normalised float images, got {images.dtype} (a data set's uint8 images "
+                "go through its transform.normalize first)"
+            )
         backbone = self.backbone
         tokens = backbone.patch_embed(images)
         tokens = backbone._pos_embed(tokens)

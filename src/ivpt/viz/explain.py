@@ -54,11 +54,14 @@ def load_image(path: str | Path) -> Image.Image:
 
 def _preprocess(image: ImageInput, prep: Preprocessing) -> Tensor:
     """The test transform (short side to ``img_size``, centre crop, normalise) -> ``(3, H, W)``."""
-    from ivpt.data.transforms import image_transform
+    from ivpt.data.transforms import Normalize, image_transform
 
     height, width = _input_size(prep)
 
     if isinstance(image, Tensor):
+        if image.dtype == torch.uint8 and tuple(image.shape) == (3, height, width):
+            # Already the input's size (a data set's image): the test transform would leave it as it is.
+            return Normalize(prep.mean, prep.std)(image.cpu())
         if image.dtype == torch.uint8:
             array = image.cpu().numpy()
             if array.ndim == 3 and array.shape[0] == 3 and array.shape[2] != 3:
@@ -132,9 +135,11 @@ def explain(
         model: an ivpt model (IVPT or a baseline); it runs in eval mode (deterministic grouping) and is
             put back in its previous mode afterwards.
         image: a PIL image, an image file path, a uint8 tensor ``(3, H, W)`` / ``(H, W, 3)`` (all three go
-            through the test transform), or a float tensor ``(3, S, S)`` that is already transformed
-            and normalised (e.g. ``dataset[i]["image"]``), used as is. Models on non-square ``(H, W)``
-            inputs take ``(3, H, W)``; images are scaled to cover ``H x W`` and centre-cropped.
+            through the test transform; a data set's ``dataset[i]["image"]``, already the model's input
+            size, is only normalised), or a float tensor ``(3, S, S)`` that is already transformed and
+            normalised (e.g. ``dataset.transform.normalize(dataset[i]["image"])``), used as is. Models on
+            non-square ``(H, W)`` inputs take ``(3, H, W)``; images are scaled to cover ``H x W`` and
+            centre-cropped.
         cfg: the model's config: ``cfg.model.img_size`` and ``cfg.data.mean/std`` define the test
             transform (unset ones: the backbone's). Without it the model's own ``preprocessing`` is used.
         class_names: names for the class indices (default ``"class <i>"``).

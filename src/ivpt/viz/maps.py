@@ -29,7 +29,12 @@ def _as_tensor(values: ArrayLike) -> torch.Tensor:
 
 
 def denormalize_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Undo the input normalisation: ``(3, H, W)`` normalised tensor -> ``(H, W, 3)`` uint8 for drawing."""
+    """Undo the input normalisation: ``(3, H, W)`` normalised tensor -> ``(H, W, 3)`` uint8 for drawing.
+
+    A ``uint8`` image (a data set's ``image``: never normalised) is already pixels: only its axes move.
+    """
+    if image.dtype == torch.uint8:
+        return image.detach().cpu().permute(1, 2, 0).numpy().copy()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     pixels = (image.detach().cpu().float() * std_t + mean_t).clamp(0.0, 1.0)

@@ -21,7 +21,7 @@ import datetime
 import html
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -208,6 +208,7 @@ def gallery_strips(
                 wanted[index].append((stage, concept, rank, int(stats.top_cells[stage][concept, rank])))
     thumbs: dict[tuple[int, int], dict[int, np.ndarray]] = defaultdict(dict)
     for index in sorted(wanted):
+        # A data set's uint8 image comes back as it is.
         image = denormalize_image(dataset[index]["image"], prep.mean, prep.std)
         height, width = image.shape[:2]
         side = max(round(CROP_FRACTION * min(height, width)), 2 * max(height // stats.grid_size[0], 1))
@@ -339,15 +340,27 @@ def _note(text: str) -> str:
 
 @torch.no_grad()
 def collect_statistics(
-    model: nn.Module, loader: DataLoader, num_classes: int, top_k: int, device: str, progress: bool = True
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    top_k: int,
+    device: str,
+    progress: bool = True,
+    normalize: Callable[[Tensor], Tensor] | None = None,
 ) -> ConceptStatistics:
-    """Stream ``loader`` once through ``model`` (eval mode) and gather :class:`ConceptStatistics`."""
+    """Stream ``loader`` once through ``model`` (eval mode) and gather :class:`ConceptStatistics`.
+
+    ``normalize`` turns a batch's images, once on ``device``, into the model's input; ``None``: the
+    loader's data set's ``transform.normalize`` (its images are ``uint8``).
+    """
+    if normalize is None:
+        normalize = loader.dataset.transform.normalize
     meter = ConceptStatisticsMeter(num_classes, top_k, device)
     was_training = model.training
     model.eval()
     try:
         for batch in tqdm(loader, desc="ivpt report", unit="batch", disable=not progress):
-            output = model(batch["image"].to(device))
+            output = model(normalize(batch["image"].to(device, non_blocking=True)))
             meter.update(output, batch["label"], batch["index"])
     finally:
         model.train(was_training)
