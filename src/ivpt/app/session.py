@@ -161,7 +161,6 @@ class ExplorerSession:
                     self.top_k,
                     self.loaded.device,
                     progress=self.progress,
-                    normalize=self.dataset.transform.normalize,
                 )
             return self._statistics
 

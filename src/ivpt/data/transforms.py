@@ -54,6 +54,10 @@ SCALE_RANGE = (0.8, 1.2)
 # --- matrices (3x3 homogeneous, pixel-centre coordinates) ---------------------------------------------
 
 
+# ``(a, b, c, d, e, f)`` of the affine ``x' = a x + b y + c``, ``y' = d x + e y + f``, in Python floats.
+Coefficients = tuple[float, float, float, float, float, float]
+
+
 def translation_matrix(tx: float, ty: float) -> np.ndarray:
     """``(3, 3)`` matrix of ``(x, y) -> (x + tx, y + ty)``."""
     return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
@@ -83,9 +87,17 @@ def region_resize_matrix(box: tuple[float, float, float, float], size: tuple[int
     ``box`` is in PIL's pixel-*edge* coordinates (pixel ``i`` spans ``[i, i + 1]``, so a pixel-centre
     ``x`` sits at edge coordinate ``x + 0.5``); the region's edges ``[left, right]`` map to ``[0, W]``.
     """
+    sx, sy, tx, ty = _region_resize_coefficients(box, size)
+    return np.array([[sx, 0.0, tx], [0.0, sy, ty], [0.0, 0.0, 1.0]])
+
+
+def _region_resize_coefficients(
+    box: tuple[float, float, float, float], size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """``(sx, sy, tx, ty)`` of :func:`region_resize_matrix`: ``x' = sx x + tx``, ``y' = sy y + ty``."""
     left, top, right, bottom = box
     sx, sy = size[0] / (right - left), size[1] / (bottom - top)
-    return np.array([[sx, 0.0, sx * (0.5 - left) - 0.5], [0.0, sy, sy * (0.5 - top) - 0.5], [0.0, 0.0, 1.0]])
+    return sx, sy, sx * (0.5 - left) - 0.5, sy * (0.5 - top) - 0.5
 
 
 def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -129,9 +141,7 @@ class GeometryPlan:
         """``(3, 3)`` affine from source pixel centres to output pixel centres."""
         # remainder @ region_resize_matrix(source_box, resized_size), in Python floats (one array, not three).
         (a, b, c), (d, e, f) = self.remainder[:2].tolist()
-        left, top, right, bottom = self.source_box
-        sx, sy = self.resized_size[0] / (right - left), self.resized_size[1] / (bottom - top)
-        tx, ty = sx * (0.5 - left) - 0.5, sy * (0.5 - top) - 0.5
+        sx, sy, tx, ty = _region_resize_coefficients(self.source_box, self.resized_size)
         return np.array([[a * sx, b * sy, a * tx + b * ty + c], [d * sx, e * sy, d * tx + e * ty + f], [0.0, 0.0, 1.0]])
 
     @property
@@ -277,7 +287,7 @@ def warp_image(image: Image.Image, plan: GeometryPlan, resample: Image.Resamplin
     return out.transform((side, side), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=0)
 
 
-def pil_affine_data(matrix: np.ndarray) -> tuple[float, float, float, float, float, float]:
+def pil_affine_data(matrix: np.ndarray) -> Coefficients:
     """PIL's ``AFFINE`` coefficients for the pixel-centre affine ``matrix (3, 3)``.
 
     PIL's data maps *output* pixel-edge coordinates to *input* ones: the inverse of ``matrix``, shifted by
@@ -299,15 +309,13 @@ def transform_keypoints(keypoints: np.ndarray, matrix: np.ndarray, size: int) ->
     return _map_keypoints(keypoints, _coefficients(matrix), size)
 
 
-def _coefficients(matrix: np.ndarray) -> tuple[float, float, float, float, float, float]:
+def _coefficients(matrix: np.ndarray) -> Coefficients:
     """``(a, b, c, d, e, f)`` of ``x' = a x + b y + c``, ``y' = d x + e y + f`` in Python floats."""
     (a, b, c), (d, e, f) = matrix[:2].tolist()
     return a, b, c, d, e, f
 
 
-def _map_keypoints(
-    keypoints: np.ndarray, coefficients: tuple[float, float, float, float, float, float], size: int
-) -> np.ndarray:
+def _map_keypoints(keypoints: np.ndarray, coefficients: Coefficients, size: int) -> np.ndarray:
     """:func:`transform_keypoints` with the matrix as :func:`_coefficients`."""
     # A loop over a few dozen points in Python floats: a dozen numpy calls on (P, 2) arrays cost more.
     a, b, c, d, e, f = coefficients
@@ -324,13 +332,16 @@ def transform_box(box: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
 
     The result is clipped to ``[0, S-1]``; a box mapped entirely outside collapses onto the border.
     """
-    hull = _mapped_hull(_coefficients(matrix), *(float(v) for v in box))
+    return _box_in_output(box, _coefficients(matrix), size)
+
+
+def _box_in_output(box: np.ndarray, coefficients: Coefficients, size: int) -> np.ndarray:
+    """:func:`transform_box` with the matrix as :func:`_coefficients`."""
+    hull = _mapped_hull(coefficients, *(float(v) for v in box))
     return np.array([min(max(v, 0.0), size - 1.0) for v in hull], dtype=np.float32)
 
 
-def _mapped_hull(
-    coefficients: tuple[float, float, float, float, float, float], left: float, top: float, right: float, bottom: float
-) -> list[float]:
+def _mapped_hull(coefficients: Coefficients, left: float, top: float, right: float, bottom: float) -> list[float]:
     """``[x_min, y_min, x_max, y_max]`` of the rectangle's four corners mapped by the affine, in Python floats."""
     a, b, c, d, e, f = coefficients
     corners = ((left, top), (right, top), (left, bottom), (right, bottom))
@@ -347,22 +358,13 @@ def transform_box_edges(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     height (times the scale) even where a crop cuts the box, which the KPR protocol divides by
     (:func:`ivpt.metrics.kpr_box`).
     """
+    return _box_edges(box, _coefficients(matrix))
+
+
+def _box_edges(box: np.ndarray, coefficients: Coefficients) -> np.ndarray:
+    """:func:`transform_box_edges` with the matrix as :func:`_coefficients`."""
     x_min, y_min, x_max, y_max = (float(v) for v in box)
-    return np.array(
-        _mapped_hull(_coefficients(matrix), x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5), dtype=np.float32
-    )
-
-
-def _boxes(
-    box: np.ndarray, coefficients: tuple[float, float, float, float, float, float], size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`transform_box` and :func:`transform_box_edges` of one box, from one read of its corners."""
-    x_min, y_min, x_max, y_max = box.tolist() if isinstance(box, np.ndarray) else (float(v) for v in box)
-    last = size - 1.0
-    hull = _mapped_hull(coefficients, x_min, y_min, x_max, y_max)
-    clipped = np.array([min(max(v, 0.0), last) for v in hull], dtype=np.float32)
-    edges = _mapped_hull(coefficients, x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5)
-    return clipped, np.array(edges, dtype=np.float32)
+    return np.array(_mapped_hull(coefficients, x_min - 0.5, y_min - 0.5, x_max + 0.5, y_max + 0.5), dtype=np.float32)
 
 
 class Normalize:
@@ -447,8 +449,6 @@ class SampleTransform:
         self.img_size = img_size
         self.augment = augment
         self.normalize = Normalize(mean, std)
-        self.mean = torch.tensor(self.normalize.mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(self.normalize.std, dtype=torch.float32).view(3, 1, 1)
 
     def plan(
         self,
@@ -520,12 +520,11 @@ class SampleTransform:
         width, height = source_size if source_size is not None else image.size
         plan = self.plan(width, height, crop_box, generator)
         coefficients = _coefficients(plan.matrix)
-        clipped, edges = _boxes(box, coefficients, self.img_size)
         sample = {
             "image": self.pixels(warp_image(image, plan, Image.Resampling.BILINEAR, reduction)),
             "keypoints": torch.from_numpy(_map_keypoints(keypoints, coefficients, self.img_size)),
-            "bbox": torch.from_numpy(clipped),
-            "bbox_edges": torch.from_numpy(edges),
+            "bbox": torch.from_numpy(_box_in_output(box, coefficients, self.img_size)),
+            "bbox_edges": torch.from_numpy(_box_edges(box, coefficients)),
         }
         if mask is not None:
             scale = 1.0 / 255.0 if mask.mode == "L" else 1.0

@@ -141,9 +141,7 @@ def build_report(
         stats = meter.compute()  # seen during the metrics' pass
     else:
         loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-        stats = collect_statistics(
-            model, loader, len(class_names), top_k, device, progress, normalize=dataset.transform.normalize
-        )
+        stats = collect_statistics(model, loader, len(class_names), top_k, device, progress)
 
     home = checkpoint_home(checkpoint)
     log_path = home / "log.jsonl" if home is not None else None
