@@ -36,6 +36,7 @@ FusionTarget = Literal["final", "chain"]
 Augment = Literal["paper", "flip", "none"]
 Dataset = Literal["cub", "nabirds", "folder"]
 Precision = Literal["fp32", "bf16", "fp16"]
+PrototypeInit = Literal["random", "data"]
 METHODS: tuple[str, ...] = get_args(Method)
 FREEZE_MODES: tuple[str, ...] = get_args(FreezeMode)
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -158,6 +159,11 @@ class TrainConfig:
     compile: bool = False
     # Score best.pt's top-1 on the test split when training ends (false: leave it to ``ivpt eval``).
     test_at_end: bool = True
+    # How a fresh IVPT run starts its prototypes: "random" (N(0, 0.05^2), the paper) or "data" (the
+    # stage's tokens of prototype_init_images training images split from the border's, then k-means;
+    # ivpt.model.prototype_init). A resumed run keeps its checkpoint's.
+    prototype_init: PrototypeInit = "random"
+    prototype_init_images: int = 128
 
 
 @dataclass
@@ -309,9 +315,7 @@ def merge_dict(cfg: Config, values: dict[str, Any], source: str) -> None:
     sections = _section_fields(cfg)
     for name, section_values in values.items():
         if name not in sections:
-            raise ConfigError(
-                f"{source}: unknown config section '{name}'; known sections: {', '.join(sections)}"
-            )
+            raise ConfigError(f"{source}: unknown config section '{name}'; known sections: {', '.join(sections)}")
         if section_values is None:
             continue
         if not isinstance(section_values, dict):
@@ -333,8 +337,7 @@ def set_value(cfg: Config, dotted_key: str, value: Any, source: str = "override"
     hints = _section_fields(section)
     if parts[1] not in hints:
         raise ConfigError(
-            f"{source}: unknown config key '{dotted_key}'; known keys in '{parts[0]}': "
-            f"{', '.join(hints)}"
+            f"{source}: unknown config key '{dotted_key}'; known keys in '{parts[0]}': {', '.join(hints)}"
         )
     try:
         setattr(section, parts[1], coerce(value, hints[parts[1]], dotted_key))
@@ -427,13 +430,22 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction': must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.data.folder_train_ratio < 1.0:
-        raise ConfigError(
-            f"config key 'data.folder_train_ratio': must be in (0, 1), got {cfg.data.folder_train_ratio}"
-        )
-    for key in ("train.batch_size", "train.grad_accum", "train.epochs", "eval.batch_size"):
+        raise ConfigError(f"config key 'data.folder_train_ratio': must be in (0, 1), got {cfg.data.folder_train_ratio}")
+    for key in (
+        "train.batch_size",
+        "train.grad_accum",
+        "train.epochs",
+        "train.prototype_init_images",
+        "eval.batch_size",
+    ):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    if cfg.train.prototype_init == "data" and cfg.model.method not in ("ivpt", "last_layer_proto"):
+        raise ConfigError(
+            f"config key 'train.prototype_init': 'data' initialises IVPT's concept prototypes; model.method "
+            f"{cfg.model.method!r} has no prototype stages (use 'random')"
+        )
     for key in ("mean", "std"):
         values = getattr(cfg.data, key)
         if values is not None and len(values) != 3:

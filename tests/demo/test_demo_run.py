@@ -24,6 +24,7 @@ from ivpt.demo.run import (
 )
 from ivpt.engine.oracle import ORACLE_ROWS
 from ivpt.errors import IVPTError
+from ivpt.losses import TERM_NAMES
 from ivpt.model.demo_vit import DEMO_ARCH
 
 
@@ -49,10 +50,11 @@ def test_ivpt_runs_in_the_papers_setting(tmp_path: Path) -> None:
     cfg = demo_config("ivpt", FULL_PLAN, tmp_path, tmp_path)
     assert cfg.model.freeze == "tokens"
     assert cfg.model.n_pro == FULL_PLAN.n_pro
-    # All eight terms stay on; the three that sharpen every map at once are damped (see run.py).
-    weights = {name: getattr(cfg.loss, name) for name in ("bg_presence", "entropy", "total_variation")}
-    assert weights == dict.fromkeys(weights, 0.1)
-    assert (cfg.loss.classification, cfg.loss.consistency, cfg.loss.presence, cfg.loss.equivariance) == (1, 1, 1, 1)
+    # The paper's eight loss weights, all 1; the prototypes start from the data (see run.py).
+    assert all(getattr(cfg.loss, name) == 1.0 for name in TERM_NAMES)
+    assert cfg.train.prototype_init == "data"
+    assert cfg.loss.label_smoothing == 0.1
+    assert demo_config("vpt_deep", FULL_PLAN, tmp_path, tmp_path).train.prototype_init == "random"
     assert demo_config("vpt_deep", FULL_PLAN, tmp_path, tmp_path).loss.entropy == 1.0
     assert demo_config("vpt_deep", FULL_PLAN, tmp_path, tmp_path).eval.stage == -1
     assert demo_config("ivpt", FAST_PLAN, tmp_path, tmp_path).model.n_pro == FAST_PLAN.n_pro

@@ -209,3 +209,31 @@ def test_tensorboard_scalars_are_written(tiny_config) -> None:
     events = list((Path(cfg.train.out_dir) / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert json.loads((Path(cfg.train.out_dir) / "log.jsonl").read_text().splitlines()[0])["event"] == "start"
+
+
+def test_data_initialised_prototypes_start_from_the_tokens_and_survive_a_resume(tiny_config, tmp_path: Path) -> None:
+    # Prototypes frozen (rate 0) so that the checkpoint shows where they started.
+    frozen = ("optim.lr_prototypes=0", "train.max_steps=1", "train.epochs=1")
+    train(tiny_config(f"train.out_dir={tmp_path / 'random'}", *frozen), resume=None)
+    train(tiny_config(f"train.out_dir={tmp_path / 'data'}", "train.prototype_init=data", *frozen), resume=None)
+    random_state, data_state = model_state(tmp_path / "random" / "last.pt"), model_state(tmp_path / "data" / "last.pt")
+    keys = [key for key in data_state if key.endswith("prototypes")]
+    assert keys
+    for key in keys:
+        # N(0, 0.05^2) draws in 32 dimensions have a norm near 0.28; the tokens' centroids are LayerNorm outputs.
+        assert random_state[key].norm(dim=1).max() < 0.6
+        assert data_state[key].norm(dim=1).min() > 1.0, key
+
+    # A resumed run keeps its checkpoint's prototypes: one run of two epochs equals one epoch plus a resume.
+    straight = tiny_config(f"train.out_dir={tmp_path / 'straight'}", "train.prototype_init=data")
+    train(straight, resume=None)
+    split_run = tiny_config(f"train.out_dir={tmp_path / 'split'}", "train.prototype_init=data", "train.epochs=1")
+    train(split_run, resume=None)
+    split_run.train.epochs = 2
+    train(split_run, resume="auto")
+    assert_same_weights(model_state(tmp_path / "straight" / "last.pt"), model_state(tmp_path / "split" / "last.pt"))
+
+
+def test_data_initialised_prototypes_need_prototype_stages(tiny_config) -> None:
+    with pytest.raises(ConfigError, match="'train.prototype_init'.*'vpt_deep' has no prototype stages"):
+        tiny_config("model.method=vpt_deep", "train.prototype_init=data")

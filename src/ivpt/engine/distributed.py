@@ -98,6 +98,13 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
     return tensor
 
 
+def broadcast_from_main(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    """Overwrite ``tensor`` in place on every rank with rank 0's (a no-op in a single process)."""
+    if ctx.is_distributed:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def barrier(ctx: DistributedContext) -> None:
     if ctx.is_distributed:
         dist.barrier()

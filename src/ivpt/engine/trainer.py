@@ -48,6 +48,7 @@ from ivpt.engine.distributed import (
     DistributedContext,
     all_reduce_sum,
     barrier,
+    broadcast_from_main,
     gather_objects,
     init_distributed,
     shutdown_distributed,
@@ -207,6 +208,8 @@ class Trainer:
         """Train (resuming as :func:`train` says); ``notes`` are logged as ``note`` records at the start."""
         cfg, ctx = self.cfg, self.ctx
         resumed_from = self._resume(resume)
+        if resumed_from is None and cfg.train.prototype_init == "data":
+            self._initialise_prototypes()
         self.logger.rewind(self.progress.step if resumed_from else None)
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,6 +249,21 @@ class Trainer:
         finally:
             self.logger.close()
         return summary
+
+    def _initialise_prototypes(self) -> None:
+        """``train.prototype_init=data``: every stage's prototypes from a seeded subset of training images."""
+        from ivpt.model.prototype_init import initialise_prototypes
+
+        cfg = self.cfg
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        count = min(cfg.train.prototype_init_images, len(self.train_set))
+        indices = torch.randperm(len(self.train_set), generator=generator)[:count].tolist()
+        images = torch.stack([self.train_set[index]["image"] for index in indices]).to(self.ctx.device)
+        initialise_prototypes(
+            self.model, self.train_set.transform.normalize(images), seed=cfg.train.seed, batch_size=cfg.eval.batch_size
+        )
+        for stage in self.model.stages:
+            broadcast_from_main(stage.prototypes.data, self.ctx)
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step

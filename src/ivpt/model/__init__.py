@@ -7,7 +7,8 @@
   folders (``config.json`` + ``model.safetensors``), training checkpoints or on the Hugging Face Hub;
 - :class:`Preprocessing`: the inputs a model expects (``model.preprocessing``);
 - :class:`IVPTOutput`: what every model returns;
-- :class:`Intervention`: concepts a forward pass runs without (``model(images, intervention=...)``).
+- :class:`Intervention`: concepts a forward pass runs without (``model(images, intervention=...)``);
+- :func:`initialise_prototypes`: IVPT's prototypes from training images (``train.prototype_init=data``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ivpt.model.output import IVPTOutput
 from ivpt.model.params import GROUP_NAMES, param_groups, parameter_counts
 from ivpt.model.preprocessing import Preprocessing
 from ivpt.model.pretrained import from_pretrained, load_checkpoint, save_pretrained
+from ivpt.model.prototype_init import initialise_prototypes
 
 __all__ = [
     "GROUP_NAMES",
@@ -31,6 +33,7 @@ __all__ = [
     "convert_official",
     "create_model",
     "from_pretrained",
+    "initialise_prototypes",
     "load_checkpoint",
     "load_official_checkpoint",
     "param_groups",
