@@ -45,8 +45,9 @@ def main() -> None:
         try:
             wait = WebDriverWait(driver, 60)
             driver.get(running.url)
+            # The browser takes absolute paths only (the checkpoint's data root may be relative).
             wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#ivpt-upload input[type=file]")).send_keys(
-                str(image_file)
+                str(Path(image_file).resolve())
             )
             wait.until(lambda d: d.find_element(By.ID, "ivpt-now-class"))
             figure = "return document.querySelector('#ivpt-figure img')?.src || ''"
