@@ -217,6 +217,8 @@ def test_data_initialised_prototypes_start_from_the_tokens_and_survive_a_resume(
     train(tiny_config(f"train.out_dir={tmp_path / 'random'}", *frozen), resume=None)
     train(tiny_config(f"train.out_dir={tmp_path / 'data'}", "train.prototype_init=data", *frozen), resume=None)
     random_state, data_state = model_state(tmp_path / "random" / "last.pt"), model_state(tmp_path / "data" / "last.pt")
+    notes = [r["message"] for r in read_log(tmp_path / "data" / "log.jsonl") if r["event"] == "note"]
+    assert "prototypes initialised from the tokens of 24 training images (prototype_init)" in notes
     keys = [key for key in data_state if key.endswith("prototypes")]
     assert keys
     for key in keys:

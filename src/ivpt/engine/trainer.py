@@ -208,8 +208,9 @@ class Trainer:
         """Train (resuming as :func:`train` says); ``notes`` are logged as ``note`` records at the start."""
         cfg, ctx = self.cfg, self.ctx
         resumed_from = self._resume(resume)
+        initialised_from = 0
         if resumed_from is None and cfg.train.prototype_init == "data":
-            self._initialise_prototypes()
+            initialised_from = self._initialise_prototypes()
         self.logger.rewind(self.progress.step if resumed_from else None)
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +236,8 @@ class Trainer:
         )
         for message in notes:
             self.logger.log("note", self.progress.step, message=message)
+        if initialised_from:
+            self._note(f"prototypes initialised from the tokens of {initialised_from} training images (prototype_init)")
         if self.val_set is None:
             self._note(
                 "data.val_fraction is 0: no validation split, so best.pt is the last checkpoint "
@@ -250,8 +253,12 @@ class Trainer:
             self.logger.close()
         return summary
 
-    def _initialise_prototypes(self) -> None:
-        """``train.prototype_init=data``: every stage's prototypes from a seeded subset of training images."""
+    def _initialise_prototypes(self) -> int:
+        """``train.prototype_init=data``: every stage's prototypes from a seeded subset of training images.
+
+        Returns:
+            How many images the prototypes were taken from.
+        """
         from ivpt.model.prototype_init import initialise_prototypes
 
         cfg = self.cfg
@@ -264,6 +271,7 @@ class Trainer:
         )
         for stage in self.model.stages:
             broadcast_from_main(stage.prototypes.data, self.ctx)
+        return count
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step

@@ -101,13 +101,11 @@ def stage_prototypes(
     Raises:
         IVPTError: too few tokens on the object side for K-1 clusters.
     """
-    batch, n, dim = features.shape
+    dim = features.shape[-1]
     border, centre = border_and_centre(grid_size, features.device)
-    on_border = border.expand(batch, n).reshape(-1)
     points = features.reshape(-1, dim).float()
     if len(points) > MAX_TOKENS:
-        keep = torch.randperm(len(points), generator=generator)[:MAX_TOKENS].to(points.device)
-        points, on_border = points[keep], on_border[keep]
+        points = points[torch.randperm(len(points), generator=generator)[:MAX_TOKENS].to(points.device)]
     border_mean = features[:, border].reshape(-1, dim).float().mean(dim=0)
     centre_mean = features[:, centre].reshape(-1, dim).float().mean(dim=0)
     background = two_means(points, border_mean, centre_mean)
