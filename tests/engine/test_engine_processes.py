@@ -133,7 +133,10 @@ def torchrun(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
 
 def test_two_process_ddp_trains_and_evaluates_like_one_process(tiny_overrides, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    overrides = tiny_overrides("train.epochs=1", "train.batch_size=4", f"train.out_dir={out}")
+    # Data-initialised prototypes: rank 0's are broadcast to the other rank before the first step.
+    overrides = tiny_overrides(
+        "train.epochs=1", "train.batch_size=4", f"train.out_dir={out}", "train.prototype_init=data"
+    )
     result = torchrun("-m", "ivpt.cli", "train", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -148,6 +151,7 @@ def test_two_process_ddp_trains_and_evaluates_like_one_process(tiny_overrides, t
     events = [r["event"] for r in records]
     assert events.count("start") == 1 and events.count("test") == 1 and events.count("val") == 1
     assert records[0]["world_size"] == 2 and records[0]["global_batch"] == 8
+    assert any(r["event"] == "note" and "prototypes initialised" in r["message"] for r in records)
     checkpoint = read_checkpoint(out / "last.pt", training=True)
     assert len(checkpoint["rng"]) == 2 and checkpoint["world_size"] == 2
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
