@@ -44,6 +44,8 @@ FUSION_TARGETS: tuple[str, ...] = get_args(FusionTarget)
 AUGMENTS: tuple[str, ...] = get_args(Augment)
 DATASETS: tuple[str, ...] = get_args(Dataset)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+# Methods built as IVPT itself, whose model has concept-prototype stages (``last_layer_proto``: only the last).
+IVPT_METHODS: tuple[str, ...] = ("ivpt", "last_layer_proto")
 
 
 @dataclass
@@ -441,7 +443,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(getattr(cfg, section), name)}")
-    if cfg.train.prototype_init == "data" and cfg.model.method not in ("ivpt", "last_layer_proto"):
+    if cfg.train.prototype_init == "data" and cfg.model.method not in IVPT_METHODS:
         raise ConfigError(
             f"config key 'train.prototype_init': 'data' initialises IVPT's concept prototypes; model.method "
             f"{cfg.model.method!r} has no prototype stages (use 'random')"

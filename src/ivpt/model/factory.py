@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ivpt.config import ModelConfig, coerce
+from ivpt.config import IVPT_METHODS, ModelConfig, coerce
 from ivpt.errors import ConfigError
 from ivpt.model.backbone import ViTModel, create_backbone
 from ivpt.model.baselines import PromptTunedViT
@@ -134,7 +134,7 @@ def _create(config: ModelConfig, num_classes: int, img_size: int | tuple[int, in
     common: dict[str, Any] = dict(freeze=config.freeze, grad_checkpointing=config.grad_checkpointing)
     prototype_options: dict[str, Any] = dict(spatial_bias=config.spatial_bias, pooling=config.pooling)
 
-    if method in ("ivpt", "last_layer_proto"):
+    if method in IVPT_METHODS:
         model = IVPT(
             backbone,
             num_classes,
