@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -470,10 +471,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ivpt {args.command}: error: {one_line(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        # A bare Ctrl-C has no message; an interrupted training run says where it saved.
+        # A bare Ctrl-C has no message; an interrupted training run says where it saved. The status is the
+        # shell's for a process stopped by that signal: 130 for SIGINT, 143 for SIGTERM.
+        signum = getattr(exc, "signum", signal.SIGINT)
         said = f": {one_line(str(exc))}" if str(exc) else ""
-        print(f"ivpt {args.command}: interrupted{said}", file=sys.stderr)
-        return 130
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"ivpt {args.command}: {how}{said}", file=sys.stderr)
+        return 128 + signum
 
 
 def one_line(text: str) -> str:

@@ -98,7 +98,9 @@ def test_ctrl_c_saves_last_pt_and_the_run_resumes_exactly(tiny_overrides, tmp_pa
     assert stderr.splitlines()[-1] == (
         f"ivpt train: interrupted: saved {out / 'last.pt'} at step {stopped_at}; the same command resumes from it"
     )
-    assert [r["step"] for r in read_log(out / "log.jsonl") if r["event"] == "interrupt"] == [stopped_at]
+    assert [(r["step"], r["signal"]) for r in read_log(out / "log.jsonl") if r["event"] == "interrupt"] == [
+        (stopped_at, "SIGINT")
+    ]
     assert not (out / ".ivpt.lock").exists()
 
     # Resumed to a few steps further, the weights are those of a run never interrupted (both in this
@@ -110,6 +112,33 @@ def test_ctrl_c_saves_last_pt_and_the_run_resumes_exactly(tiny_overrides, tmp_pa
     a = read_checkpoint(tmp_path / "straight" / "last.pt")["model"]
     b = read_checkpoint(out / "last.pt")["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_sigterm_saves_last_pt_and_exits_143(tiny_overrides, tmp_path: Path) -> None:
+    # What a cluster scheduler sends before it preempts a job: the same deferred save as Ctrl-C.
+    out = tmp_path / "terminated"
+    overrides = tiny_overrides("train.epochs=40", f"train.out_dir={out}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ivpt.cli", "train", *overrides], env=environment(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(r["event"] == "train" and r["step"] >= 2 for r in _records(out / "log.jsonl")):
+        assert process.poll() is None and time.monotonic() < deadline, "training ended or stalled before step 2"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    stopped_at = read_checkpoint(out / "last.pt", training=True)["step"]
+    assert 2 <= stopped_at < 40 * STEPS_PER_EPOCH
+    assert f"ivpt train: SIGTERM: saving {out / 'last.pt'} after this step" in stderr
+    assert stderr.splitlines()[-1] == (
+        f"ivpt train: stopped by SIGTERM: saved {out / 'last.pt'} at step {stopped_at}; "
+        "the same command resumes from it"
+    )
+    interrupts = [r for r in read_log(out / "log.jsonl") if r["event"] == "interrupt"]
+    assert [(r["step"], r["signal"]) for r in interrupts] == [(stopped_at, "SIGTERM")]
+    assert not (out / ".ivpt.lock").exists()
 
 
 def _records(log: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ivpt.cli import main
-from ivpt.engine.interrupt import DeferredInterrupt
+from ivpt.engine.interrupt import DeferredInterrupt, Interrupted
 from ivpt.engine.logger import read_log
 from ivpt.engine.runlock import LOCK_NAME, RunLock
 from ivpt.engine.trainer import train
@@ -100,12 +100,46 @@ def test_the_first_interrupt_is_deferred_and_the_second_stops_at_once() -> None:
     # user can send, so give this process Python's default handler for the test.
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        announced: list[bool] = []
-        with DeferredInterrupt(lambda: announced.append(True)) as interrupt:
+        announced: list[str] = []
+        with DeferredInterrupt(announced.append) as interrupt:
             os.kill(os.getpid(), signal.SIGINT)
-            assert interrupt.requested and announced == [True]  # no KeyboardInterrupt: the step may finish
+            assert interrupt.requested and announced == ["SIGINT"]  # no KeyboardInterrupt: the step may finish
+            assert interrupt.signum == signal.SIGINT
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+def test_sigterm_is_deferred_like_ctrl_c_and_the_default_comes_back() -> None:
+    inherited = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        announced: list[str] = []
+        with DeferredInterrupt(announced.append) as interrupt:
+            # Without the handler a SIGTERM would end the test process itself.
+            assert signal.getsignal(signal.SIGTERM) == interrupt._handle
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert interrupt.requested and interrupt.signum == signal.SIGTERM and announced == ["SIGTERM"]
+            with pytest.raises(Interrupted) as stopped:
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert stopped.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, inherited)
+
+
+def test_a_callers_own_sigterm_handler_is_left_alone() -> None:
+    def own(signum, frame) -> None:  # a scheduler integration's handler, say
+        received.append(signum)
+
+    received: list[int] = []
+    inherited = signal.signal(signal.SIGTERM, own)
+    try:
+        with DeferredInterrupt() as interrupt:
+            assert signal.getsignal(signal.SIGTERM) is own
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == [signal.SIGTERM] and not interrupt.requested
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, inherited)

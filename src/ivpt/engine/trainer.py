@@ -22,6 +22,7 @@ One run per folder: ``train.out_dir`` is created, checked and locked before anyt
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -341,12 +342,16 @@ class Trainer:
         if self._interrupt_agreed():
             self._stop_interrupted()
 
-    def _announce_interrupt(self) -> None:
+    def _announce_interrupt(self, signal_name: str) -> None:
         if self.ctx.is_main:
             when = "after this step" if not self.ctx.is_distributed else "at the next log step"
+            if signal_name == "SIGINT":
+                what, again = "interrupt", "interrupt again"
+            else:
+                what, again = signal_name, f"a second {signal_name}"
             tqdm.write(
-                f"ivpt train: interrupt: saving {self.last_path} {when}, then stopping "
-                "(interrupt again to stop at once, without saving)",
+                f"ivpt train: {what}: saving {self.last_path} {when}, then stopping "
+                f"({again} to stop at once, without saving)",
                 file=sys.stderr,
             )
 
@@ -361,10 +366,17 @@ class Trainer:
     def _stop_interrupted(self) -> None:
         """Log the stop and raise :class:`TrainingInterrupted`; ``last.pt`` holds this very step."""
         step = self.progress.step
-        self.logger.log("interrupt", step, epoch=self.progress.epoch, checkpoint=str(self.last_path))
+        # Under torchrun a rank may stop because another got the signal; it exits as if it were Ctrl-C.
+        signum = self._interrupt.signum if self._interrupt is not None and self._interrupt.signum else signal.SIGINT
+        self.logger.log(
+            "interrupt", step, epoch=self.progress.epoch, checkpoint=str(self.last_path),
+            signal=signal.Signals(signum).name,
+        )
         if not self.ctx.is_main:
-            raise TrainingInterrupted()  # rank 0 alone says where it saved
-        raise TrainingInterrupted(f"saved {self.last_path} at step {step}; the same command resumes from it")
+            raise TrainingInterrupted(signum=signum)  # rank 0 alone says where it saved
+        raise TrainingInterrupted(
+            f"saved {self.last_path} at step {step}; the same command resumes from it", signum=signum
+        )
 
     def _log_train(self, window: _LossWindow, bar: tqdm) -> None:
         """Reduce the window's sums over ranks (the only host sync of the loop), log, reset it."""
