@@ -17,6 +17,8 @@ prompts change the tokens of the blocks after it).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -121,6 +123,10 @@ def stage_prototypes(
     return torch.cat([foreground, background_centre[None]])
 
 
+class _StageReached(Exception):
+    """Raised by the capturing hook to end a forward pass at the stage being initialised."""
+
+
 @torch.no_grad()
 def initialise_prototypes(model: nn.Module, images: Tensor, seed: int = 0, batch_size: int = 64) -> None:
     """Set every stage's prototypes of an IVPT ``model`` from ``images`` (see the module docstring).
@@ -144,13 +150,19 @@ def initialise_prototypes(model: nn.Module, images: Tensor, seed: int = 0, batch
     was_training = model.training
     model.eval()
     captured: list[Tensor] = []
+
+    def capture(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        captured.append(args[0])
+        raise _StageReached  # the blocks after this stage cannot change its input: stop the pass here
+
     try:
         for stage in stages:
             captured.clear()
-            handle = stage.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+            handle = stage.register_forward_pre_hook(capture)
             try:
                 for chunk in images.split(batch_size):
-                    model(chunk)
+                    with contextlib.suppress(_StageReached):
+                        model(chunk)
             finally:
                 handle.remove()
             features = torch.cat(captured)
