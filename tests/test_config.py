@@ -163,3 +163,13 @@ def test_the_patch_size_comes_from_backbone_args_before_the_name():
         load_config(None, [*tiny, "model.img_size=7"])
     # A name without a patch size (the demo ViT) is not guessed at.
     assert load_config(None, ["model.arch=ivpt_demo_vit", "model.img_size=4"]).model.img_size == 4
+
+
+def test_a_mapping_written_without_the_space_after_a_colon_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"'patch_size:8' reads as a key with no value.*\{patch_size: 8\}"):
+        load_config(None, ["model.backbone_args={patch_size:8}"])
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  backbone_args: {depth:2}\n")
+    with pytest.raises(ConfigError, match=rf"{config}: config key 'model.backbone_args': 'depth:2'"):
+        load_config(config)
+    assert load_config(None, ["model.backbone_args={patch_size: 8}"]).model.backbone_args == {"patch_size": 8}

@@ -284,6 +284,14 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
+        for name, item in value.items():
+            # YAML reads `{patch_size:8}` (no space after the colon) as the key 'patch_size:8' with no value.
+            if isinstance(name, str) and ":" in name and item is None:
+                field, written = name.split(":", 1)
+                raise ConfigError(
+                    f"config key '{key}': '{name}' reads as a key with no value; YAML needs a space after the "
+                    f"colon: {{{field.strip()}: {written.strip()}}}"
+                )
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
