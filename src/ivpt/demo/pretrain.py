@@ -12,8 +12,8 @@ Recipe (:class:`ivpt.demo.recipe.PretrainRecipe`; everything derives from ``seed
 the same file on the same hardware, software and thread count). The default, which wrote the shipped file:
 100 groups x 200 images of 64 px drawn in memory (:func:`ivpt.data.synthetic.render_synthetic`), one per group
 held out; random horizontal flips; AdamW (lr 2e-3, weight decay 0.05, gradient norm clipped at 2), batch 32,
-for ``compute=1``: the backbone passes of the earlier shipped file's 12 epochs (:func:`compute_multiple`),
-writing finished snapshots at 0.125x, 0.25x and 0.5x on the way (warm-up, constant rate, and each snapshot and the run
+for ``compute=4``: four times the backbone passes of the earlier shipped file's 12 epochs (:func:`compute_multiple`),
+writing finished snapshots at 0.125x and 2x on the way (warm-up, constant rate, and each snapshot and the run
 decaying over the last fifth of its own compute); one token per 4 x 4 pixel cell (``token_stride``). The images
 and the model live on the training device and batches are gathered there (the order and flips are those of the
 engine's :class:`~ivpt.engine.rng.EpochSampler` and :class:`~ivpt.engine.rng.SeededSamples`), so the same code

@@ -22,8 +22,8 @@ class PretrainRecipe:
     """What :func:`ivpt.demo.pretrain.pretrain_backbone` trains; the defaults wrote the shipped file.
 
     The default: 19 900 images of the class-free ``"generic"`` family, the renderer's dense part, appearance and
-    part-appearance terms, no class labels, for the compute of the package's earlier file (``compute=1``),
-    writing the 0.125x, 0.25x and 0.5x snapshots of the scaling curve on the way. Self-distillation
+    part-appearance terms, no class labels, for four times the compute of the package's earlier file
+    (``compute=4``), writing the 0.125x and 2x snapshots of the scaling curve on the way. Self-distillation
     (``distill_weight``) is off: at these settings it collapsed and cost the features (docs/demo.md, "The demo
     backbone").
 
@@ -77,8 +77,8 @@ class PretrainRecipe:
     family: Literal["generic", "pretrain"] = "generic"
     part_weight: float = 1.0
     distill_weight: float = 0.0
-    compute: float | None = 1.0
-    snapshots: tuple[float, ...] = (0.125, 0.25, 0.5)
+    compute: float | None = 4.0
+    snapshots: tuple[float, ...] = (0.125, 2.0)
 
 
 __all__ = ["APPEARANCE_STYLES", "PRETRAIN_CLASSES", "PRETRAIN_FAMILIES", "TOKEN_STRIDES", "PretrainRecipe"]
